@@ -49,6 +49,7 @@ class GenerationRequest:
     batch_size: int = 1
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     precision: Literal["auto", "fp32", "fp16"] = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU
+    preview_every: int = 0  # >0: attach a small preview image of the current x0 estimate every N steps
 
     @property
     def mode(self) -> Literal["text", "image"]:
