@@ -288,8 +288,9 @@ def _decoder_from_renderer(renderer: dict, params_proj: dict, d_latent: int) -> 
 def transmitter_from_official(source: str | Path | dict) -> tuple[EncoderConfig, DecoderConfig]:
     """Transmitter config -> (EncoderConfig, DecoderConfig)."""
     d = _read(source)
-    if "config" in d and "name" not in d:
-        d = d["config"]
+    for wrapper in ("config", "transmitter_config"):  # fixture JSON files nest the official dict
+        if wrapper in d and "name" not in d:
+            d = d[wrapper]
     e = d["encoder"]
     bottleneck = e.get("latent_bottleneck", {})
     enc = EncoderConfig(
