@@ -1,0 +1,197 @@
+"""Operators: Generate, Cancel, Variations, Re-decode, Use Last Seed, Dismiss Error.
+
+Generate does not carry the UNDO flag: the objects arrive later (from the timer), and the undo step is pushed
+then, so one click is exactly one undo step (an UNDO flag would add a second, empty step at click time).
+``sync`` runs the job inside the operator (default under ``blender -b``, where no timer ever fires).
+Input errors are reported with ``self.report`` *and* shown in the panel with a hint (session.report_error).
+"""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import BoolProperty, IntProperty, StringProperty
+
+from . import mesh_import, session
+from .preferences import get_prefs
+
+
+def _sync(op) -> bool:
+    return op.sync if op.properties.is_property_set("sync") else bool(bpy.app.background)
+
+
+def _fail(op, err) -> set[str]:
+    session.report_error(err)
+    op.report({"ERROR"}, f"{session.ui.error} — {session.ui.hint}")
+    return {"CANCELLED"}
+
+
+def _busy(op) -> bool:
+    if session.runner.busy:
+        op.report({"WARNING"}, "A Shap-E job is already running: wait for it or press Cancel")
+        return True
+    return False
+
+
+def _engine_errors():
+    from .engine_shim import get_engine
+
+    return (get_engine().EngineError,)
+
+
+class SHAP_E_OT_generate(bpy.types.Operator):
+    """Generate 3D objects from the prompt or image (runs in the background; Cancel stops it)"""
+
+    bl_idname = "shap_e.generate"
+    bl_label = "Generate"
+    bl_options = {"REGISTER"}
+
+    prompt: StringProperty(name="Prompt", default="", options={"SKIP_SAVE"},
+                           description="Override the panel's prompt (scripting)")
+    model: StringProperty(name="Model", default="", options={"SKIP_SAVE"},
+                          description="Override the panel's model (scripting)")
+    sync: BoolProperty(name="Synchronous", default=False, options={"SKIP_SAVE"},
+                       description="Block until done (default when Blender runs in background mode)")
+
+    def execute(self, context):
+        if _busy(self):
+            return {"CANCELLED"}
+        settings = context.scene.shap_e
+        try:
+            from . import requests
+
+            req = requests.build_request(context, settings, get_prefs(context),
+                                         prompt=self.prompt or None, model=self.model or None)
+            session.start_generate(req, scene=context.scene, location=context.scene.cursor.location.copy(),
+                                   spacing=settings.spacing, sync=_sync(self))
+        except _engine_errors() as err:
+            return _fail(self, err)
+        return self._result()
+
+    def _result(self):
+        if session.ui.error:
+            self.report({"ERROR"}, f"{session.ui.error} — {session.ui.hint}")
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class SHAP_E_OT_variations(bpy.types.Operator):
+    """New seeds for the selected generated object (same prompt/image, model and settings), laid out beside it"""
+
+    bl_idname = "shap_e.variations"
+    bl_label = "Variations"
+    bl_options = {"REGISTER"}
+
+    count: IntProperty(name="Count", default=0, min=0, max=16, options={"SKIP_SAVE"},
+                       description="How many (0: the panel's Count)")
+    sync: BoolProperty(name="Synchronous", default=False, options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        return mesh_import.is_generated(context.active_object)
+
+    def execute(self, context):
+        if _busy(self):
+            return {"CANCELLED"}
+        obj = context.active_object
+        meta = mesh_import.objects_meta(obj)
+        settings = context.scene.shap_e
+        try:
+            from . import requests
+
+            image = name = None
+            if not meta.get("prompt"):
+                img = bpy.data.images.get(meta.get("image", ""))
+                if img is None:
+                    raise _engine_errors()[0](f"The source image '{meta.get('image')}' is not in this file",
+                                              "Load it again (same name), or use Generate with Input: Image")
+                image, name = requests.image_array(img), img.name
+            req = requests.build_request(context, settings, get_prefs(context), prompt=meta.get("prompt"),
+                                         model=meta.get("model"), count=self.count or settings.count,
+                                         image=image, image_name=name)
+            session.start_generate(req, scene=context.scene, location=obj.location.copy(),
+                                   spacing=settings.spacing, layout_mode="beside", sync=_sync(self))
+        except _engine_errors() as err:
+            return _fail(self, err)
+        return SHAP_E_OT_generate._result(self)
+
+
+class SHAP_E_OT_redecode(bpy.types.Operator):
+    """Rebuild the selected generated object's mesh from its stored latent at another grid size"""
+
+    bl_idname = "shap_e.redecode"
+    bl_label = "Re-decode"
+    bl_options = {"REGISTER"}
+
+    grid_size: IntProperty(name="Grid Size", default=0, min=0, max=256, options={"SKIP_SAVE"},
+                           description="0: the panel's re-decode grid")
+    sync: BoolProperty(name="Synchronous", default=False, options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        return mesh_import.is_generated(context.active_object)
+
+    def execute(self, context):
+        if _busy(self):
+            return {"CANCELLED"}
+        obj = context.active_object
+        grid = self.grid_size or int(context.scene.shap_e.redecode_grid_size)
+        try:
+            try:
+                latent = mesh_import.load_latent(obj)
+            except ValueError as err:
+                raise _engine_errors()[0](str(err), "Generate the object again") from None
+            if latent is None:
+                raise _engine_errors()[0](f"'{obj.name}' has no stored latent",
+                                          "Its latent text block was deleted: generate it again from its seed")
+            session.start_redecode(obj, latent, grid_size=grid, device=get_prefs(context).device,
+                                   sync=_sync(self))
+        except _engine_errors() as err:
+            return _fail(self, err)
+        return SHAP_E_OT_generate._result(self)
+
+
+class SHAP_E_OT_cancel(bpy.types.Operator):
+    """Stop the running Shap-E job after the current network call; nothing is added to the scene"""
+
+    bl_idname = "shap_e.cancel"
+    bl_label = "Cancel"
+
+    def execute(self, context):
+        session.cancel()
+        return {"FINISHED"}
+
+
+class SHAP_E_OT_use_last_seed(bpy.types.Operator):
+    """Reuse the last seed (turns Random Seed off)"""
+
+    bl_idname = "shap_e.use_last_seed"
+    bl_label = "Reuse Seed"
+    bl_options = {"REGISTER", "UNDO"}
+
+    from_object: BoolProperty(default=False, options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        s = context.scene.shap_e
+        obj = context.active_object
+        seed = obj.get(mesh_import.PREFIX + "seed") if self.from_object and obj else s.last_seed
+        if seed is None or seed < 0:
+            self.report({"WARNING"}, "No seed to reuse yet")
+            return {"CANCELLED"}
+        s.seed, s.random_seed = int(seed), False
+        return {"FINISHED"}
+
+
+class SHAP_E_OT_dismiss_error(bpy.types.Operator):
+    """Hide the error message"""
+
+    bl_idname = "shap_e.dismiss_error"
+    bl_label = "Dismiss"
+
+    def execute(self, context):
+        session.clear_error()
+        return {"FINISHED"}
+
+
+classes = (SHAP_E_OT_generate, SHAP_E_OT_variations, SHAP_E_OT_redecode, SHAP_E_OT_cancel,
+           SHAP_E_OT_use_last_seed, SHAP_E_OT_dismiss_error)
+register, unregister = bpy.utils.register_classes_factory(classes)
