@@ -107,7 +107,7 @@ class SHAP_E_OT_variations(bpy.types.Operator):
                 image, name = requests.image_array(img), img.name
             req = requests.build_request(context, settings, get_prefs(context), prompt=meta.get("prompt"),
                                          model=meta.get("model"), count=self.count or settings.count,
-                                         image=image, image_name=name)
+                                         image=image, image_name=name, like=meta)
             session.start_generate(req, scene=context.scene, location=obj.location.copy(),
                                    spacing=settings.spacing, layout_mode="beside", sync=_sync(self))
         except _engine_errors() as err:

@@ -117,8 +117,13 @@ def source_image(context, settings):
 
 
 def build_request(context, settings, prefs, *, prompt: str | None = None, model: str | None = None,
-                  seed: int | None = None, count: int | None = None, image=None, image_name: str | None = None):
-    """The GenerationRequest for the current settings (overrides for scripting and Variations)."""
+                  seed: int | None = None, count: int | None = None, image=None, image_name: str | None = None,
+                  like: dict | None = None):
+    """The GenerationRequest for the current settings (overrides for scripting and Variations).
+
+    ``like``: metadata of a generated object (Variations): its steps, guidance, sampler and grid size win over
+    the panel's, and the seed is always new.
+    """
     eng = get_engine()
     model = model or settings.model
     mode = "image" if (image is not None or (prompt is None and settings.input_mode == "IMAGE")) else "text"
@@ -132,12 +137,14 @@ def build_request(context, settings, prefs, *, prompt: str | None = None, model:
         if image is None:
             image, image_name = source_image(context, settings)
     if seed is None:
-        seed = random.randrange(2**31) if settings.random_seed else settings.seed
+        seed = random.randrange(2**31) if (settings.random_seed or like) else settings.seed
+    like = like or {}
     kwargs = dict(
         prompt=text, image=image, image_name=image_name, model=model, seed=int(seed),
-        steps=None if settings.use_model_defaults else settings.steps,
-        guidance_scale=None if settings.use_model_defaults else settings.guidance_scale,
-        sampler=settings.sampler, grid_size=int(settings.grid_size), batch_size=int(count or settings.count),
+        steps=like.get("steps", None if settings.use_model_defaults else settings.steps),
+        guidance_scale=like.get("guidance", None if settings.use_model_defaults else settings.guidance_scale),
+        sampler=like.get("sampler", settings.sampler), grid_size=int(like.get("grid_size", settings.grid_size)),
+        batch_size=int(count or settings.count),
         device=prefs.device, precision=prefs.precision,
     )
     names = {f.name for f in dataclasses.fields(eng.GenerationRequest)}

@@ -1,0 +1,307 @@
+"""Scenarios run by the bpy-wheel tests, one fresh process each (bpy state is global and cannot be reset).
+
+    python scenarios.py <name> <zip> <out.json> [options]
+
+Each scenario installs the built extension zip with ``bpy.ops.extensions.package_install_files`` (the same path a
+user takes), drives the add-on through its operators, and writes the facts it observed to a JSON file; the pytest
+modules assert on those facts. No timers fire in the wheel: scenarios call ``session.drain()`` directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import threading
+import time
+import traceback
+
+import bpy
+import numpy as np
+
+FACTS: dict = {}
+PKG = "bl_ext.user_default.shap_e_generator"
+
+
+def install(zip_path: str):
+    bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
+    import addon_utils
+
+    FACTS["enabled"] = PKG in {m.__name__ for m in addon_utils.modules()} and PKG in bpy.context.preferences.addons
+    return importlib.import_module(PKG)
+
+
+def sub(name: str):
+    return importlib.import_module(f"{PKG}.{name}")
+
+
+def snapshot() -> dict:
+    return {k: sorted(x.name for x in getattr(bpy.data, k))
+            for k in ("objects", "meshes", "materials", "texts", "images", "collections")}
+
+
+def mesh_facts(obj) -> dict:
+    mesh = obj.data
+    attr = mesh.color_attributes.get("Col")
+    colors = np.empty(len(mesh.vertices) * 4, np.float32)
+    if attr is not None:
+        attr.data.foreach_get("color", colors)
+    mat = mesh.materials[0] if mesh.materials else None
+    links = []
+    if mat is not None and mat.node_tree is not None:
+        links = [(lk.from_node.bl_idname, getattr(lk.from_node, "layer_name", ""), lk.to_node.bl_idname,
+                  lk.to_socket.name) for lk in mat.node_tree.links]
+    co = np.empty(len(mesh.vertices) * 3, np.float32)
+    mesh.vertices.foreach_get("co", co)
+    return dict(
+        name=obj.name, verts=len(mesh.vertices), faces=len(mesh.polygons),
+        attr=None if attr is None else [attr.domain, attr.data_type],
+        active_color=mesh.color_attributes.active_color_name,
+        color_mean=colors.reshape(-1, 4)[:, :3].mean(0).tolist() if len(mesh.vertices) else None,
+        links=links, props={k: obj[k] for k in obj.keys() if isinstance(obj[k], (int, float, str))},
+        location=list(obj.location), selected=obj.select_get(), active=bpy.context.view_layer.objects.active == obj,
+        bbox_min=co.reshape(-1, 3).min(0).tolist() if len(co) else None,
+        bbox_max=co.reshape(-1, 3).max(0).tolist() if len(co) else None,
+        mesh_name=mesh.name,
+    )
+
+
+def fake_engine(session, eng, *, steps: int = 8, delay: float = 0.0):
+    """A test double with the engine's signatures: a coloured box per seed, honouring should_cancel."""
+    calls = {"generate": 0, "decode": 0}
+
+    def box(size, color, latent):
+        v = np.array([[x, y, z] for x in (-size, size) for y in (-size, size) for z in (-size, size)], np.float32)
+        f = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1], [2, 3, 7], [2, 7, 6],
+                      [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+        return eng.MeshRecord(v, f, np.tile([color], (8, 1)), latent=latent)
+
+    def generate(req, *, on_step=None, should_cancel=None):
+        calls["generate"] += 1
+        t0 = time.perf_counter()
+        for i in range(1, steps + 1):
+            if should_cancel is not None and should_cancel():
+                raise eng.GenerationCancelled()
+            time.sleep(delay)
+            on_step(eng.StepEvent(i, steps, 1.0, elapsed_s=time.perf_counter() - t0 + 1e-3,
+                                  preview=np.full((16, 16, 3), 128, np.uint8)))
+        out = []
+        for k in range(req.batch_size):
+            rec = box(0.5, (0.8, 0.1, 0.1), np.linspace(-1, 1, 4096, dtype=np.float32) + k)
+            rec.seed, rec.model, rec.grid_size = req.seed + k, req.model, req.grid_size
+            out.append(rec)
+        return out
+
+    def decode(latent, *, model, grid_size, device="auto"):
+        calls["decode"] += 1
+        rec = box(0.25 + grid_size / 1024, (0.1, 0.1, 0.8), np.asarray(latent))
+        rec.vertices = np.concatenate([rec.vertices, rec.vertices[:1] * 0.5])  # a different vertex count
+        rec.vertex_colors = np.concatenate([rec.vertex_colors, rec.vertex_colors[:1]])
+        return rec
+
+    session.set_engine_functions(generate=generate, decode=decode)
+    return calls
+
+
+def drain_until(session, pred, timeout=60.0):
+    t_end = time.perf_counter() + timeout
+    while time.perf_counter() < t_end:
+        session.drain()
+        if pred():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ scenarios
+
+
+def sc_install(zip_path, opts):
+    had_torch = "torch" in sys.modules
+    install(zip_path)
+    FACTS["torch_after_enable"] = (not had_torch) and "torch" in sys.modules
+    FACTS["engine_loaded_at_register"] = any(m.startswith(PKG + ".engine.pipeline") for m in sys.modules)
+    FACTS["scene_prop"] = hasattr(bpy.types.Scene, "shap_e")
+    FACTS["operators"] = sorted(n for n in dir(bpy.types) if n.startswith("SHAP_E_"))
+    FACTS["prefs_idname"] = type(bpy.context.preferences.addons[PKG].preferences).bl_idname
+    prefs = sub("preferences")
+    FACTS["models_dir"] = prefs.models_dir()
+    FACTS["models_dir_is_extension_user"] = "extensions" in prefs.models_dir()
+    FACTS["vendored"] = sub("engine_shim").is_vendored()
+    FACTS["models"] = [m[0] for m in sub("properties").model_infos()]
+    before = snapshot()
+    import addon_utils
+
+    addon_utils.disable(PKG, default_set=True)
+    FACTS["after_disable"] = dict(
+        scene_prop=hasattr(bpy.types.Scene, "shap_e"),
+        classes=sorted(n for n in dir(bpy.types) if n.startswith("SHAP_E_")),
+        timers=bpy.app.timers.is_registered(sub("session").timer_tick),
+        data_changed=snapshot() != before,
+        sys_path=[p for p in sys.path if "shap_e_generator" in p],
+        enabled=PKG in bpy.context.preferences.addons,
+    )
+
+
+def sc_bad_inputs(zip_path, opts):
+    install(zip_path)
+    session = sub("session")
+    s = bpy.context.scene.shap_e
+    results = {}
+
+    def attempt(label, **op_kwargs):
+        before = snapshot()
+        session.clear_error()
+        try:
+            ret = sorted(bpy.ops.shap_e.generate(sync=True, **op_kwargs))
+        except RuntimeError as err:  # bpy turns an ERROR report into RuntimeError in background mode
+            ret = ["RuntimeError", str(err)[:200]]
+        results[label] = dict(ret=ret, error=session.ui.error, hint=session.ui.hint,
+                              unchanged=snapshot() == before)
+
+    s.input_mode, s.prompt = "TEXT", "   "
+    attempt("empty_prompt")
+    s.input_mode, s.image_source, s.image = "IMAGE", "DATABLOCK", None
+    attempt("no_image")
+    s.image_source = "EDITOR"
+    attempt("no_editor_image")
+    s.image_source, s.image_path = "FILE", opts["bad_file"]
+    attempt("non_image_file")
+    s.input_mode, s.prompt = "TEXT", "a red cube"
+    attempt("unknown_model", model="nonexistent_model")
+    FACTS["results"] = results
+
+
+def _generate(session, s, *, sync=True, **kw):
+    bpy.ops.ed.undo_push(message="before")  # the user's previous action
+    ret = bpy.ops.shap_e.generate(sync=sync, **kw)
+    return sorted(ret)
+
+
+def sc_generate(zip_path, opts):
+    install(zip_path)
+    session = sub("session")
+    eng = sub("engine_shim").get_engine()
+    calls = fake_engine(session, eng) if opts.get("fake") else None
+    s = bpy.context.scene.shap_e
+    s.input_mode, s.prompt, s.count, s.grid_size = "TEXT", opts.get("prompt", "a red cube"), 1, "64"
+    bpy.context.scene.cursor.location = (1.0, 2.0, 0.0)
+    before = snapshot()
+    t0 = time.perf_counter()
+    FACTS["ret"] = _generate(session, s)
+    FACTS["generate_s"] = time.perf_counter() - t0
+    FACTS["error"] = [session.ui.error, session.ui.hint]
+    new = [o for o in bpy.data.objects if o.name not in before["objects"]]
+    FACTS["new_objects"] = [mesh_facts(o) for o in new]
+    FACTS["last_seed"] = s.last_seed
+    FACTS["texts"] = [t.name for t in bpy.data.texts]
+    if not new:
+        return
+    obj = new[0]
+    mesh_import = sub("mesh_import")
+    latent = mesh_import.load_latent(obj)
+    FACTS["latent_size"] = None if latent is None else int(latent.size)
+
+    # Re-decode at another grid size: the mesh data changes, one undo step.
+    bpy.context.view_layer.objects.active = obj
+    old = mesh_facts(obj)
+    FACTS["redecode_ret"] = sorted(bpy.ops.shap_e.redecode(grid_size=int(opts.get("redecode_grid", 32)),
+                                                            sync=True))
+    FACTS["redecode_error"] = session.ui.error
+    FACTS["redecoded"] = mesh_facts(obj)
+    FACTS["redecode_changed"] = (FACTS["redecoded"]["verts"], FACTS["redecoded"]["faces"]) != (old["verts"],
+                                                                                              old["faces"])
+    bpy.ops.ed.undo()
+    obj = bpy.data.objects.get(old["name"])
+    FACTS["after_redecode_undo"] = None if obj is None else mesh_facts(obj)
+
+    # Save, reopen: the latent is still there and decodes.
+    path = opts["blend"]
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    bpy.ops.wm.open_mainfile(filepath=path)
+    obj = bpy.data.objects.get(old["name"])
+    lat2 = mesh_import.load_latent(obj) if obj is not None else None
+    FACTS["latent_after_reopen_equal"] = lat2 is not None and latent is not None and bool(np.array_equal(lat2, latent))
+
+    # Variations: same prompt, new seeds, beside the object.
+    bpy.context.view_layer.objects.active = obj
+    bpy.ops.ed.undo_push(message="reopened")  # the wheel starts an empty undo stack after open_mainfile
+    names = {o.name for o in bpy.data.objects}
+    FACTS["variations_ret"] = sorted(bpy.ops.shap_e.variations(count=2, sync=True))
+    var = [o for o in bpy.data.objects if o.name not in names]
+    FACTS["variations"] = [mesh_facts(o) for o in var]
+    FACTS["source_after_reopen"] = mesh_facts(obj)
+
+    # Undo: exactly one step removes all the variations.
+    bpy.ops.ed.undo()
+    FACTS["after_variations_undo"] = sorted(o.name for o in bpy.data.objects if o.name not in names)
+    FACTS["calls"] = calls
+
+
+def sc_undo(zip_path, opts):
+    install(zip_path)
+    session = sub("session")
+    eng = sub("engine_shim").get_engine()
+    if opts.get("fake"):
+        fake_engine(session, eng)
+    s = bpy.context.scene.shap_e
+    s.input_mode, s.prompt, s.count = "TEXT", opts.get("prompt", "a red cube"), int(opts.get("count", 2))
+    before = snapshot()
+    FACTS["ret"] = _generate(session, s)
+    FACTS["error"] = session.ui.error
+    FACTS["added"] = sorted(set(snapshot()["objects"]) - set(before["objects"]))
+    bpy.ops.ed.undo()
+    FACTS["after_one_undo_equal"] = snapshot() == before
+    FACTS["after_one_undo"] = snapshot()
+    FACTS["before"] = before
+
+
+def sc_cancel(zip_path, opts):
+    install(zip_path)
+    session = sub("session")
+    eng = sub("engine_shim").get_engine()
+    if opts.get("fake"):
+        fake_engine(session, eng, steps=50, delay=0.02)
+    s = bpy.context.scene.shap_e
+    s.input_mode, s.prompt, s.count = "TEXT", opts.get("prompt", "a red cube"), 1
+    if not opts.get("fake"):  # slow the real engine down enough to cancel mid-run
+        s.use_model_defaults, s.steps, s.guidance_scale = False, 64, 3.0
+    before = snapshot()
+    ret = bpy.ops.shap_e.generate(sync=False)
+    FACTS["ret"] = sorted(ret)
+    job = session.runner.active
+    reached = drain_until(session, lambda: job.progress.step >= 2 or job.finished, timeout=120)
+    FACTS["step_at_cancel"] = job.progress.step
+    FACTS["progress_text"] = job.progress.text
+    FACTS["had_preview"] = job.preview is not None
+    FACTS["reached_step2"] = reached and job.progress.step >= 2
+    FACTS["main_thread_worker"] = job.thread is not None and job.thread is not threading.current_thread()
+    bpy.ops.shap_e.cancel()
+    job.join(120)
+    drain_until(session, lambda: job.finished, timeout=30)
+    FACTS["status"] = job.status
+    FACTS["info"] = session.ui.info
+    FACTS["unchanged"] = snapshot() == before
+    FACTS["busy_after"] = session.runner.busy
+
+
+SCENARIOS = {"install": sc_install, "bad_inputs": sc_bad_inputs, "generate": sc_generate, "undo": sc_undo,
+             "cancel": sc_cancel}
+
+
+def main() -> int:
+    name, zip_path, out = sys.argv[1:4]
+    opts = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    try:
+        SCENARIOS[name](zip_path, opts)
+        FACTS["ok"] = True
+    except Exception:
+        FACTS["ok"] = False
+        FACTS["traceback"] = traceback.format_exc()
+    with open(out, "w") as f:
+        json.dump(FACTS, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""End to end with the REAL engine and the shipped mini model, through the installed zip's operators."""
+
+import pytest
+
+from conftest import mini_weights_reason
+
+pytestmark = [pytest.mark.blender, pytest.mark.timeout(240)]
+
+REASON = mini_weights_reason()
+needs_engine = pytest.mark.skipif(REASON is not None, reason=f"real engine unavailable: {REASON}")
+
+
+@needs_engine
+def test_real_generate_redecode_reopen(run_scenario, tmp_path):
+    f = run_scenario("generate", timeout=200, prompt="a red cube", redecode_grid=32,
+                     blend=str(tmp_path / "t.blend"))
+    assert f["ret"] == ["FINISHED"], f["error"]
+    (obj,) = f["new_objects"]
+    assert obj["verts"] > 100 and obj["faces"] > 100
+    assert obj["attr"] == ["POINT", "FLOAT_COLOR"]
+    r, g, b = obj["color_mean"]
+    assert r > g and r > b, f"'a red cube' should be reddish, mean linear colour {obj['color_mean']}"
+    assert ["ShaderNodeVertexColor", "Col", "ShaderNodeBsdfPrincipled", "Base Color"] in obj["links"]
+    p = obj["props"]
+    for key in ("prompt", "seed", "steps", "guidance", "model", "grid_size", "version", "latent_text"):
+        assert f"shap_e_{key}" in p, key
+    assert max(abs(x) for x in obj["bbox_min"] + obj["bbox_max"]) <= 1.01  # inside the decoder volume
+    assert f["redecode_changed"] and f["redecoded"]["props"]["shap_e_grid_size"] == 32
+    assert f["latent_after_reopen_equal"]
+    assert len(f["variations"]) == 2
+
+
+@needs_engine
+def test_real_undo_one_step(run_scenario):
+    f = run_scenario("undo", timeout=200, count=2)
+    assert f["ret"] == ["FINISHED"] and len(f["added"]) == 2, f["error"]
+    assert f["after_one_undo_equal"]
+
+
+@needs_engine
+def test_real_cancel_mid_run(run_scenario):
+    f = run_scenario("cancel", timeout=200)
+    assert f["reached_step2"], f
+    assert f["status"] == "cancelled" and f["unchanged"]
