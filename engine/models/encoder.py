@@ -35,6 +35,7 @@ import torch.nn as nn
 from ..config import EncoderConfig
 from ..records import EngineError
 from .encoder_blocks import CrossAttentionStack, SelfAttentionStack, posenc_nerf, posenc_width
+from .encoder_multiview import MultiviewPixelEmbedding, multiview_tokens, surface_points
 from .encoder_pointconv import PointConv
 
 XATTN_LAYERS = 1  # official default: one cross-attention block per data set; processor has layers − 1 blocks
@@ -51,25 +52,6 @@ def inv_parabola_schedule(power: float, steps: int = BOTTLENECK_STEPS) -> tuple[
     betas = np.minimum(1 - a2 / a1, 0.999)
     alpha_bar = np.cumprod(1.0 - betas)
     return torch.from_numpy(np.sqrt(alpha_bar)), torch.from_numpy(np.sqrt(1.0 - alpha_bar))
-
-
-class MultiviewPixelEmbedding(nn.Conv2d):
-    """Conv 3×3 over the 279-channel per-pixel point features (official MultiviewPointCloudEmbedding)."""
-
-    def __init__(self, out_features: int, octaves: int):
-        self.octaves = octaves
-        in_features = 3 * posenc_width(3, octaves)
-        super().__init__(in_features, out_features, kernel_size=3, padding=1)
-        self.unk_token = nn.Parameter(torch.randn(in_features) * 0.01)
-
-    def forward(self, rgb: torch.Tensor, origin: torch.Tensor, position: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """rgb/origin/position (B, V, S, S, 3), mask (B, V, S, S, 1) bool -> (B·V, out, S, S)."""
-        o = self.octaves
-        x = torch.cat([posenc_nerf(rgb, o), posenc_nerf(origin, o), posenc_nerf(position, o)], dim=-1)
-        x = torch.where(mask, x, self.unk_token)  # (B, V, S, S, 279)
-        b, v, s1, s2, c = x.shape
-        return super().forward(x.reshape(b * v, s1, s2, c).permute(0, 3, 1, 2))
 
 
 class PointCloudEncoder(nn.Module):
@@ -142,17 +124,14 @@ class PointCloudEncoder(nn.Module):
             features = self.point_features(points)
         return self.point_conv(points[:, :3].transpose(1, 2), features)
 
-    def multiview_tokens(self, views, depths, alphas, rays, camera_z) -> torch.Tensor:
-        """-> (B, V, (S/p)², W) patch tokens, row-major patches."""
+    def multiview_tokens(self, views, depths, alphas, rays, camera_z, *, fused: bool = True) -> torch.Tensor:
+        """-> (B, V, (S/p)², W) patch tokens, row-major patches (``fused``: see encoder_multiview.py)."""
+        b, v, _, s, _ = views.shape
         mask = alphas if alphas.dtype == torch.bool else alphas >= ALPHA_THRESHOLD  # (B, V, 1, S, S)
-        origin, direction = rays[..., 0, :], rays[..., 1, :]  # (B, V, S, S, 3)
-        # z-depth -> distance along the unit ray: divide by cos(angle to the optical axis)
-        cos = (direction * camera_z[:, :, None, None, :]).sum(-1, keepdim=True)  # (B, V, S, S, 1)
-        position = origin + depths.permute(0, 1, 3, 4, 2) / cos * direction
-        x = self.mv_pcl_embed(views.permute(0, 1, 3, 4, 2), origin, position, mask.permute(0, 1, 3, 4, 2))
-        x = self.patch_emb(x)  # (B·V, W, S/p, S/p)
-        b, v = views.shape[:2]
-        return x.reshape(b, v, self.cfg.width, -1).transpose(2, 3)
+        origin, position = surface_points(depths, rays, camera_z)  # (B, V, S, S, 3) each
+        tok = multiview_tokens(self.mv_pcl_embed, self.patch_emb, views.permute(0, 1, 3, 4, 2).flatten(0, 1),
+                               origin.flatten(0, 1), position.flatten(0, 1), mask.reshape(b * v, s, s), fused=fused)
+        return tok.view(b, v, -1, self.cfg.width)
 
     # ------------------------------------------------------------------------------------------------ forward
 
@@ -218,4 +197,4 @@ def _subset(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch
     return x[torch.arange(b, device=x.device)[:, None], idx]
 
 
-__all__ = ["PointCloudEncoder", "MultiviewPixelEmbedding", "inv_parabola_schedule"]
+__all__ = ["PointCloudEncoder", "inv_parabola_schedule"]
