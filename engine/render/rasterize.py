@@ -19,6 +19,8 @@ whatever space goes in comes out.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -129,7 +131,7 @@ def rasterize(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera) -> tu
 def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, colors: torch.Tensor, camera: Camera, *,
                 background: Sequence[float] = (0.0, 0.0, 0.0), shading: str = "flat",
                 light_direction: Sequence[float] = LIGHT_DIRECTION, ambient: float = AMBIENT,
-                diffuse: float = DIFFUSE) -> dict[str, torch.Tensor]:
+                diffuse: float = DIFFUSE, supersample: int = 1) -> dict[str, torch.Tensor]:
     """Render a mesh from every view of ``camera``.
 
     vertices (V, 3) float, faces (F, 3) int, colors (V, 3) in [0, 1] (any colour space; passed through).
@@ -137,9 +139,14 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, colors: torch.Tenso
     Returns rgb (N, H, W, 3) float32 (background where nothing is hit), depth (N, H, W) camera-z distance (+inf on
     the background), alpha (N, H, W) in {0, 1}, face (N, H, W) int64 (-1 = background), normal (N, H, W, 3)
     world-space face normal oriented toward the camera (0 on the background).
+    supersample s > 1: antialiasing; s×s sub-pixels whose mean position is exactly each pixel's ray are averaged
+    (rgb, alpha and normal by coverage; depth = mean over covered sub-pixels; face = the centre-most sub-pixel's).
     """
     if shading not in ("flat", "lambert"):
         raise EngineError(f"unknown shading {shading!r}", "use 'flat' or 'lambert'")
+    if supersample > 1:
+        return _supersampled(vertices, faces, colors, camera, supersample, background=background, shading=shading,
+                             light_direction=light_direction, ambient=ambient, diffuse=diffuse)
     vertices = torch.as_tensor(vertices, dtype=torch.float32)
     faces = torch.as_tensor(faces).long()
     colors = torch.as_tensor(colors, dtype=torch.float32)
@@ -185,6 +192,34 @@ def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, colors: torch.Tenso
     normals[lin] = normal
     return {"rgb": rgb.view(n, h, w, 3), "depth": depth.view(n, h, w), "alpha": hit.float().view(n, h, w),
             "face": face_ids, "normal": normals.view(n, h, w, 3)}
+
+
+def supersampled_camera(camera: Camera, s: int) -> Camera:
+    """The camera with s× the pixels whose s×s blocks average exactly to the original pixel rays' positions.
+
+    Pixel centres span the fov edge to edge, so the finer grid needs tan(fov'/2) = tan(fov/2)·(sW−1)/(s(W−1)).
+    """
+    def fov(f: float, n: int) -> float:
+        return 2 * math.atan(math.tan(f / 2) * (s * n - 1) / (s * (n - 1)))
+    return dataclasses.replace(camera, width=camera.width * s, height=camera.height * s,
+                               x_fov=fov(camera.x_fov, camera.width), y_fov=fov(camera.y_fov, camera.height))
+
+
+def _supersampled(vertices, faces, colors, camera: Camera, s: int, **kw) -> dict[str, torch.Tensor]:
+    big = render_mesh(vertices, faces, colors, supersampled_camera(camera, s), **kw)
+    n, h, w = len(camera), camera.height, camera.width
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:  # (N, sH, sW, ...) -> (N, H, W, s*s, ...)
+        t = t.reshape(n, h, s, w, s, *t.shape[3:]).transpose(2, 3)
+        return t.reshape(n, h, w, s * s, *t.shape[5:])
+
+    alpha = blocks(big["alpha"])  # (N, H, W, s²)
+    cover = alpha.sum(-1)
+    depth = torch.where(alpha > 0, blocks(big["depth"]), torch.zeros(())).sum(-1) / cover.clamp(min=1)
+    depth = torch.where(cover > 0, depth, torch.full_like(depth, float("inf")))
+    centre = (s // 2) * s + s // 2
+    return {"rgb": blocks(big["rgb"]).mean(3), "depth": depth, "alpha": cover / (s * s),
+            "face": blocks(big["face"])[..., centre], "normal": blocks(big["normal"]).mean(3)}
 
 
 @torch.no_grad()

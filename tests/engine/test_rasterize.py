@@ -149,3 +149,25 @@ def test_perspective_correct_interpolation_on_a_receding_plane():
     zdir = cam.z[0] / cam.z[0].norm()
     torch.testing.assert_close(out["depth"][inside], (t * (d @ zdir))[inside], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out["rgb"][..., 0][inside], ((p[..., 1] + 1) / 7)[inside], atol=1e-4, rtol=0)
+
+
+def test_supersampling_blocks_average_to_the_pixel_rays():
+    from engine.render.rasterize import supersampled_camera
+
+    cam = pan_cameras(2, 9)
+    big = supersampled_camera(cam, 3)
+    _, d = cam.rays()
+    _, db = big.rays()
+    # Unnormalised image-plane coordinates: the mean of each 3×3 block equals the coarse pixel's.
+    plane = lambda dirs, c: dirs / (dirs * c.z[:, None, None, :]).sum(-1, keepdim=True)  # noqa: E731
+    blocks = plane(db, big).reshape(2, 9, 3, 9, 3, 3).mean(dim=(2, 4))
+    torch.testing.assert_close(blocks, plane(d, cam), atol=1e-6, rtol=0)
+    v, f = _sphere(3)
+    one = render_mesh(v, f, torch.ones_like(v), cam)
+    aa = render_mesh(v, f, torch.ones_like(v), cam, supersample=3)
+    frac = (aa["alpha"] > 0) & (aa["alpha"] < 1)
+    assert frac.any()  # antialiased silhouette
+    full = aa["alpha"] == 1
+    torch.testing.assert_close(aa["depth"][full & (one["alpha"] == 1)], one["depth"][full & (one["alpha"] == 1)],
+                               atol=2e-2, rtol=0)
+    assert torch.isinf(aa["depth"][aa["alpha"] == 0]).all()
