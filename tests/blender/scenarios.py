@@ -285,7 +285,87 @@ def sc_cancel(zip_path, opts):
     FACTS["busy_after"] = session.runner.busy
 
 
-SCENARIOS = {"install": sc_install, "bad_inputs": sc_bad_inputs, "generate": sc_generate, "undo": sc_undo,
+class Recorder:
+    """A stand-in UILayout: records every call and checks the property / operator names it is given."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            if name in ("prop", "template_ID") and len(args) >= 2:
+                data, prop = args[0], args[1]
+                ok = prop in data.bl_rna.properties
+                self.log.append(("prop", prop, ok))
+            elif name == "operator":
+                mod, op = args[0].split(".")
+                ok = hasattr(bpy.types, f"{mod.upper()}_OT_{op}")
+                self.log.append(("operator", args[0], ok))
+            else:
+                self.log.append((name, kwargs.get("text", ""), True))
+            return Recorder(self.log)
+
+        return call
+
+    def __setattr__(self, key, value):
+        object.__setattr__(self, key, value)
+
+
+def sc_ui(zip_path, opts):
+    """Run every panel's and the preferences' draw() against a recording layout, in several states."""
+    install(zip_path)
+    session = sub("session")
+    eng = sub("engine_shim").get_engine()
+    fake_engine(session, eng, steps=50, delay=0.01)
+    panels = [getattr(bpy.types, n) for n in dir(bpy.types) if n.startswith("SHAP_E_PT_")]
+    prefs = bpy.context.preferences.addons[PKG].preferences
+    log: list = []
+    states = {}
+
+    def draw_all(state):
+        log.clear()
+        for cls in panels:
+            if not hasattr(cls, "poll") or cls.poll(bpy.context):
+                fake = type("P", (), {"layout": Recorder(log)})()
+                cls.draw(fake, bpy.context)
+        class PrefsProxy:  # the real preferences, with a recording layout
+            layout = Recorder(log)
+
+            def __getattr__(self, name):
+                return getattr(prefs, name)
+
+        type(prefs).draw(PrefsProxy(), bpy.context)
+        states[state] = dict(bad=[e for e in log if not e[2]], calls=len(log),
+                             labels=[e[1] for e in log if e[0] == "label"],
+                             progress=[e for e in log if e[0] == "progress"],
+                             operators=sorted({e[1] for e in log if e[0] == "operator"}))
+
+    s = bpy.context.scene.shap_e
+    draw_all("idle_text")
+    s.input_mode = "IMAGE"
+    for src in ("EDITOR", "DATABLOCK", "FILE"):
+        s.image_source = src
+        draw_all(f"image_{src}")
+    s.input_mode, s.prompt = "TEXT", ""
+    try:
+        bpy.ops.shap_e.generate(sync=True)
+    except RuntimeError:
+        pass
+    draw_all("error")
+    s.prompt = "a red cube"
+    bpy.ops.shap_e.generate(sync=True)
+    draw_all("selected_generated")
+    bpy.ops.shap_e.generate(sync=False)
+    job = session.runner.active
+    drain_until(session, lambda: job.progress.step >= 2)
+    draw_all("running")
+    bpy.ops.shap_e.cancel()
+    job.join(30)
+    drain_until(session, lambda: job.finished)
+    FACTS["states"] = states
+
+
+SCENARIOS = {"ui": sc_ui, "install": sc_install, "bad_inputs": sc_bad_inputs, "generate": sc_generate, "undo": sc_undo,
              "cancel": sc_cancel}
 
 
