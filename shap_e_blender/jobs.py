@@ -23,6 +23,7 @@ from a ``bpy.app.timers`` function (or directly: tests and ``blender -b`` script
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import subprocess
 import threading
@@ -68,6 +69,10 @@ class JobContext:
     def report(self, fraction: float | None, text: str = "") -> None:
         self._job.events.put(("progress", (fraction, text)))
 
+    def notice(self, text: str) -> None:
+        """Something the user should see while the job runs (e.g. "running on the CPU")."""
+        self._job.events.put(("notice", text))
+
 
 @dataclass(eq=False)
 class Job:
@@ -81,6 +86,7 @@ class Job:
     progress: Progress = field(default_factory=Progress)
     preview: Any = None  # latest (H, W, 3) uint8 preview or None
     preview_serial: int = 0
+    notices: list = field(default_factory=list)
     result: Any = None
     error: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -114,6 +120,9 @@ class Job:
                 return None
             if kind == "step":
                 self._apply_step(value)
+            elif kind == "notice":
+                if value not in self.notices:
+                    self.notices.append(value)
             elif kind == "progress":
                 frac, text = value
                 if frac is not None:
@@ -188,6 +197,35 @@ class JobRunner:
 
     def clear(self) -> None:
         self.active = None
+
+
+class NoticeHandler(logging.Handler):
+    """Forwards WARNING+ records logged by the worker's own thread (the engine's 'shap_e' logger) as notices."""
+
+    def __init__(self, ctx: JobContext):
+        super().__init__(logging.WARNING)
+        self.ctx, self.thread_id = ctx, threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread_id:
+            self.ctx.notice(record.getMessage())
+
+
+def capture_notices(ctx: JobContext, logger_name: str = "shap_e"):
+    """Context manager for use inside a task: engine warnings become panel notices while it runs."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        logger = logging.getLogger(logger_name)
+        handler = NoticeHandler(ctx)
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+
+    return cm()
 
 
 def run_subprocess(cmd: list[str], ctx: JobContext, *, env: dict | None = None,

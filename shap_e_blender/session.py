@@ -85,7 +85,8 @@ def start_generate(request, *, scene, location, spacing: float, layout_mode: str
     label = request.prompt or request.image_name or "image"
 
     def task(ctx: jobs.JobContext):
-        return gen(request, on_step=ctx.on_step, should_cancel=ctx.should_cancel)
+        with jobs.capture_notices(ctx):
+            return gen(request, on_step=ctx.on_step, should_cancel=ctx.should_cancel)
 
     return _start(task, label=f"Generating '{label}'", kind="generate", payload=payload, sync=sync)
 
@@ -224,6 +225,9 @@ def draw_job_status(layout_, kinds=None) -> None:
             box.progress(text=text, factor=job.progress.fraction, type="BAR")
         else:
             box.label(text=f"{text} ({job.progress.fraction:.0%})")
+        for note in job.notices[-3:]:
+            for i, line in enumerate(_wrap(note, 60)):
+                box.label(text=line, icon="INFO" if i == 0 else "BLANK1")
         box.operator("shap_e.cancel", icon="CANCEL")
         return
     if ui.error:

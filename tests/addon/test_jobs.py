@@ -156,3 +156,18 @@ def test_run_subprocess_streams_lines_and_cancel_terminates():
     with pytest.raises(jobs.Cancelled):
         jobs.run_subprocess([sys.executable, "-c", "import time; time.sleep(30)"], ctx)
     assert time.perf_counter() - t0 < 10
+
+
+def test_engine_warnings_from_the_worker_become_notices():
+    import logging
+
+    def task(ctx):
+        with jobs.capture_notices(ctx):
+            logging.getLogger("shap_e").warning("running on the CPU")
+            logging.getLogger("shap_e").info("not shown")
+        return 1
+
+    job = jobs.JobRunner().start(task, label="t")
+    assert drain_to_end(job) == jobs.DONE
+    assert job.notices == ["running on the CPU"]
+    assert not logging.getLogger("shap_e").handlers  # removed again
