@@ -171,6 +171,16 @@ def sc_bad_inputs(zip_path, opts):
     attempt("unknown_model", model="nonexistent_model")
     FACTS["results"] = results
 
+    # Network features with Blender's "Allow Online Access" off (the wheel's default): a message, no job.
+    FACTS["online_access"] = bpy.app.online_access
+    for op in ("download_models", "install_dependencies"):
+        session.clear_error()
+        try:
+            ret = sorted(getattr(bpy.ops.shap_e, op)("INVOKE_DEFAULT"))
+        except RuntimeError as err:
+            ret = ["RuntimeError", str(err)[:200]]
+        FACTS[op] = dict(ret=ret, error=session.ui.error, hint=session.ui.hint, busy=session.runner.busy)
+
 
 def _generate(session, s, *, sync=True, **kw):
     bpy.ops.ed.undo_push(message="before")  # the user's previous action

@@ -20,3 +20,13 @@ def test_bad_inputs_report_and_leave_scene_unchanged(run_scenario, tmp_path):
         assert r["unchanged"], f"{label}: the .blend changed"
         # The operator reported an ERROR (bpy raises it as RuntimeError in background mode) and did not finish.
         assert r["ret"][0] in ("RuntimeError", "CANCELLED") and "FINISHED" not in r["ret"], (label, r)
+
+
+def test_network_features_respect_online_access(run_scenario, tmp_path):
+    f = run_scenario("bad_inputs", bad_file=str(tmp_path / "missing.png"))
+    assert f["online_access"] is False  # the bpy wheel's default
+    for op in ("download_models", "install_dependencies"):
+        r = f[op]
+        assert "FINISHED" not in r["ret"] and not r["busy"], (op, r)
+        assert "Online access" in r["error"] and "Allow Online Access" in r["hint"], (op, r)
+    assert "by hand into" in f["download_models"]["hint"]  # manual instructions name the folder
