@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                      len(bpy.data.objects[-1].data.vertices)))
         clear()
 
-    engine_name = "engine double" if args.engine_double else f"mini, real engine"
+    engine_name = "engine double" if args.engine_double else "mini, real engine"
     print(f"\nShap-E add-on latency ({engine_name}, grid {args.grid}, prompt {args.prompt!r}, "
           f"timer tick {session.TICK_S * 1000:.0f} ms)")
     hdr = ("run", "click->object s", "sync s", "ticks", "drain med ms", "drain max ms", "final tick ms",

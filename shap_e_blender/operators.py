@@ -6,8 +6,6 @@ then, so one click is exactly one undo step (an UNDO flag would add a second, em
 Input errors are reported with ``self.report`` *and* shown in the panel with a hint (session.report_error).
 """
 
-from __future__ import annotations
-
 import bpy
 from bpy.props import BoolProperty, IntProperty, StringProperty
 

@@ -6,8 +6,6 @@ runs outside an extension repository (the repo's demo/tests register the package
 and we fall back to a ``shap_e`` folder in Blender's user data files.
 """
 
-from __future__ import annotations
-
 import os
 from types import SimpleNamespace
 

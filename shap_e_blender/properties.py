@@ -4,8 +4,6 @@ The model list is a dynamic enum filled from ``engine.available_models()`` on fi
 time: that would import the engine). 'mini' is always first, so the enum's default index is the embedded model.
 """
 
-from __future__ import annotations
-
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 

@@ -192,7 +192,7 @@ def _insert_generated(job: jobs.Job) -> None:
     job.payload["objects"] = [o.name for o in objs]
     skipped = len(job.result) - len(records)
     ui.info = f"Added {len(objs)} object(s)" + (f"; {skipped} variant(s) had no surface" if skipped else "")
-    bpy.ops.ed.undo_push(message="Shap-E: Generate")
+    undo_push("Shap-E: Generate")
 
 
 def _apply_redecode(job: jobs.Job) -> None:
@@ -203,7 +203,21 @@ def _apply_redecode(job: jobs.Job) -> None:
         raise get_engine().EngineError("The re-decode produced no surface", "Try another grid size")
     mesh_import.replace_mesh(obj, job.result, job.payload["grid_size"])
     ui.info = f"Re-decoded '{obj.name}' at grid {job.payload['grid_size']}"
-    bpy.ops.ed.undo_push(message="Shap-E: Re-decode")
+    undo_push("Shap-E: Re-decode")
+
+
+def undo_push(message: str) -> None:
+    """One undo step for data created outside an operator. A timer callback runs without a window in its
+    context; the operator's poll wants one, so the first window is supplied."""
+    ctx = bpy.context
+    try:
+        if ctx.window is None and ctx.window_manager and ctx.window_manager.windows:
+            with ctx.temp_override(window=ctx.window_manager.windows[0]):
+                bpy.ops.ed.undo_push(message=message)
+        else:
+            bpy.ops.ed.undo_push(message=message)
+    except RuntimeError as err:  # the objects exist; only the undo step is missing
+        print(f"[shap-e] could not push an undo step: {err}")
 
 
 def _redraw() -> None:
