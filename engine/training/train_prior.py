@@ -1,0 +1,247 @@
+"""Stage (c): train the mini latent diffusion prior (text or image conditioned) on encoder latents (SHAP-E.md §3-§4).
+
+Objective (the official ``GaussianDiffusion`` with ``mean_type x_start``, ``loss_type mse``, exp schedule): draw an
+integer t ~ U{0..1023}, σ_t = sqrt(1/ᾱ_t − 1), x_t = x0 + σ_t ε, feed the network c_in(σ_t)·x_t with the integer t
+(c_in = 1/sqrt(σ²+1), so the input equals the VP ``q_sample`` sqrt(ᾱ) x0 + sqrt(1−ᾱ) ε, exactly what the Karras
+sampler feeds at inference), and regress the x0 half of the output onto x0 (MSE; optional min-SNR-γ weighting).
+The variance half is not trained (the Karras sampler ignores it; ``output_proj`` starts at zero).
+
+Conditions come from the frozen mini CLIP, precomputed by ``encode_dataset``: text = unit ``embed_text`` of a
+caption drawn per sample and step from the object's caption bank (templates vary); image = the pre-ln_post grid of
+a random one of the object's conditioning renders. Each condition is zeroed with probability ``cond_drop_prob``
+(0.1) so that classifier-free guidance has an unconditional branch. EMA weights are what gets exported.
+
+    python -m engine.training.train_prior --data DIR/latents.pt --cond text --out DIR/text_prior --steps N
+    torchrun --nproc_per_node 2 -m engine.training.train_prior ...      (DDP, gloo on CPU / nccl on CUDA)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from engine.config import PriorConfig, to_dict
+from engine.diffusion.schedules import c_in, exp_alphas_cumprod, sigmas_from_alphas_cumprod
+from engine.mini_config import MINI_IMAGE_PRIOR, MINI_TEXT_PRIOR
+from engine.models.latent_transformer import LatentPrior
+from engine.records import EngineError
+
+from . import loop
+
+DIFFUSION_STEPS = 1024  # DiffusionConfig.timesteps of every Shap-E prior
+
+
+@dataclass(frozen=True)
+class PriorTrainConfig:
+    cond: str = "text"
+    steps: int = 2000
+    batch: int = 64  # per rank
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: int = 200
+    ema_decay: float = 0.999
+    cond_drop_prob: float = 0.1
+    min_snr_gamma: float = 0.0  # 0: plain x0 MSE (official); >0: weight min(SNR, γ) / normalisation
+    grad_clip: float = 1.0
+    seed: int = 0
+    amp: str = "auto"
+    log_every: int = 50
+    ckpt_every: int = 1000
+
+
+class LatentSet:
+    """The encoded dataset on one device, with vectorised per-sample condition draws."""
+
+    def __init__(self, blob: dict, cond: str, device: torch.device):
+        self.latents = blob["latents"].to(device, torch.float32)  # (N, d_latent)
+        self.kind = blob["kind"].to(device)  # (N,)
+        self.cond = cond
+        if cond == "text":
+            if blob.get("caption_emb") is None:
+                raise EngineError("the encoded dataset has no caption embeddings",
+                                  "run encode_dataset with the trained CLIP (--clip)")
+            self.caption_emb = blob["caption_emb"].to(device, torch.float32)  # (M, clip_dim)
+            ck = blob["caption_kind"]
+            n_kinds = int(max(int(ck.max()), int(self.kind.max()))) + 1
+            counts = torch.bincount(ck, minlength=n_kinds)
+            if bool((counts[self.kind.cpu().unique()] == 0).any()):
+                raise EngineError("some encoded kinds have no captions", "re-run encode_dataset")
+            table = torch.zeros(n_kinds, int(counts.max()), dtype=torch.long)
+            order = torch.argsort(ck, stable=True)
+            starts = torch.cumsum(counts, 0) - counts
+            for k in range(n_kinds):  # once, at load time
+                table[k, :counts[k]] = order[starts[k]:starts[k] + counts[k]]
+            self.caption_table, self.caption_count = table.to(device), counts.to(device)
+        else:
+            if blob.get("image_grids") is None:
+                raise EngineError("the encoded dataset has no image grids",
+                                  "run encode_dataset with the trained CLIP (--clip)")
+            self.grids = blob["image_grids"].to(device)  # (N, Vc, width, tokens) fp16
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 (n, d_latent), cond) drawn with the CPU ``generator``."""
+        dev = self.latents.device
+        idx = torch.randint(len(self), (n,), generator=generator).to(dev)
+        u = torch.rand(n, generator=generator).to(dev)
+        if self.cond == "text":
+            k = self.kind[idx]
+            j = (u * self.caption_count[k]).long().clamp(max=self.caption_table.shape[1] - 1)
+            cond = self.caption_emb[self.caption_table[k, j]]
+        else:
+            v = (u * self.grids.shape[1]).long().clamp(max=self.grids.shape[1] - 1)
+            cond = self.grids[idx, v].float()
+        return self.latents[idx], cond
+
+
+def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Zero each row with probability p (classifier-free guidance's unconditional branch)."""
+    keep = (torch.rand(cond.shape[0], generator=generator) >= p).to(cond.device, cond.dtype)
+    return cond * keep.view(-1, *([1] * (cond.dim() - 1)))
+
+
+def diffusion_loss(model, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator, *,
+                   sigma_table: torch.Tensor, min_snr_gamma: float = 0.0, amp: str = "auto") -> torch.Tensor:
+    """Mean x0-MSE at random integer timesteps; the network sees c_in(σ)·(x0 + σ ε) and the integer t."""
+    b, dev = x0.shape[0], x0.device
+    t = torch.randint(0, sigma_table.shape[0], (b,), generator=generator)
+    dgen = torch.Generator(device=dev).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    noise = torch.randn(x0.shape, generator=dgen, device=dev)
+    sigma = sigma_table[t].to(dev)  # (B,) float32
+    x_in = (x0 + sigma[:, None] * noise) * c_in(sigma)[:, None]
+    with loop.autocast_context(dev, amp):
+        out = model(x_in, t.to(dev), cond)
+    pred = out[:, :x0.shape[1]].float()
+    per = (pred - x0).square().mean(1)  # (B,)
+    if min_snr_gamma > 0:
+        snr = sigma.double().pow(-2)
+        per = per * (snr.clamp(max=min_snr_gamma) / min_snr_gamma).float()
+    return per.mean()
+
+
+def prior_config_for(cond: str, override: PriorConfig | None = None) -> PriorConfig:
+    if override is not None:
+        return override
+    if cond not in ("text", "image"):
+        raise EngineError(f"unknown condition {cond!r}", "use --cond text or --cond image")
+    return MINI_TEXT_PRIOR if cond == "text" else MINI_IMAGE_PRIOR
+
+
+def save_prior(state: dict[str, torch.Tensor], cfg: PriorConfig, out_dir: str, info: dict | None = None) -> str:
+    """prior.safetensors (fp32 EMA weights, official ``wrapped.*`` keys) + prior_config.json, atomically."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "prior.safetensors")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    cpath = os.path.join(out_dir, "prior_config.json")
+    with open(cpath + ".tmp", "w") as fh:
+        json.dump({"prior": to_dict(cfg), "training": info or {}}, fh, indent=2)
+    os.replace(cpath + ".tmp", cpath)
+    return path
+
+
+def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, device: str = "auto",
+                resume: bool = False, prior_cfg: PriorConfig | None = None) -> dict:
+    """Train and write ``out_dir``/prior.safetensors; returns a summary (losses, steps, seconds, device)."""
+    info = loop.setup_distributed(device)
+    dev = info.device
+    pcfg = replace(prior_config_for(tcfg.cond, prior_cfg), cond_drop_prob=tcfg.cond_drop_prob)
+    blob = torch.load(data, map_location="cpu", weights_only=False) if isinstance(data, str) else data
+    if blob["latents"].shape[1] != pcfg.d_latent:
+        raise EngineError(f"latents have {blob['latents'].shape[1]} values, the prior expects {pcfg.d_latent}",
+                          "encode the dataset with the matching transmitter")
+    ds = LatentSet(blob, tcfg.cond, dev)
+    init = torch.Generator().manual_seed(tcfg.seed)  # identical initial weights on every rank
+    model = LatentPrior(pcfg, device=dev)
+    model.init_weights(init)
+    opt = loop.build_optimizer(model, tcfg.lr, tcfg.weight_decay)
+    sched = loop.warmup_cosine(opt, tcfg.warmup, tcfg.steps)
+    ema = loop.EMA(model, tcfg.ema_decay)
+    ckpt = loop.Checkpointer(out_dir)
+    start = 0
+    if resume and ckpt.exists():
+        start, _ = ckpt.load(model, opt, sched, ema, map_location=dev)
+    ddp = loop.wrap_ddp(model, info)
+    sigma_table = sigmas_from_alphas_cumprod(exp_alphas_cumprod(DIFFUSION_STEPS)).float()  # (T,)
+    scaler = loop.make_grad_scaler(dev, tcfg.amp)
+    log = loop.MetricLogger(os.path.join(out_dir, "metrics.jsonl"), tcfg.log_every, enabled=info.is_main)
+    bar = loop.progress(tcfg.steps, start, info.is_main and tcfg.steps - start > 50)
+    losses: list[float] = []
+    t0 = time.time()
+    for step in range(start, tcfg.steps):
+        g = loop.step_generator(tcfg.seed, info.rank, step)
+        x0, cond = ds.batch(tcfg.batch, g)
+        cond = drop_condition(cond, tcfg.cond_drop_prob, g)
+        loss = diffusion_loss(ddp, x0, cond, g, sigma_table=sigma_table, min_snr_gamma=tcfg.min_snr_gamma,
+                              amp=tcfg.amp)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        ema.update(model)
+        lv = float(loop.all_reduce_mean(loss.detach(), info))
+        losses.append(lv)
+        log.add(loss=lv)
+        log.maybe_log(step + 1, force=step + 1 == tcfg.steps, lr=sched.get_last_lr()[0])
+        bar.update(1)
+        if info.is_main and ((step + 1) % tcfg.ckpt_every == 0 or step + 1 == tcfg.steps):
+            ckpt.save(step + 1, model, opt, sched, ema)
+    bar.close()
+    seconds = time.time() - t0
+    summary = {"cond": tcfg.cond, "steps": tcfg.steps, "start_step": start, "batch_per_rank": tcfg.batch,
+               "world_size": info.world_size, "seconds": round(seconds, 1), "device": str(dev),
+               "first_loss": losses[0] if losses else None,
+               "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
+               "n_latents": len(ds), "config": asdict(tcfg), "diffusion_steps": DIFFUSION_STEPS}
+    if info.is_main:
+        shadow = {k: v for k, v in ema.shadow.items()}
+        save_prior(shadow, pcfg, out_dir, summary)
+        with open(os.path.join(out_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+    loop.cleanup_distributed()
+    return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="latents.pt written by encode_dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cond", choices=["text", "image"], default="text")
+    d = PriorTrainConfig()
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch, help="per-rank batch")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    tcfg = PriorTrainConfig(cond=a.cond, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup,
+                            ema_decay=a.ema_decay, min_snr_gamma=a.min_snr_gamma, seed=a.seed, amp=a.amp,
+                            log_every=a.log_every, ckpt_every=a.ckpt_every)
+    return train_prior(a.data, a.out, tcfg, device=a.device, resume=a.resume)
+
+
+if __name__ == "__main__":
+    main()
