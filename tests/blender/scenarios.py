@@ -375,7 +375,48 @@ def sc_ui(zip_path, opts):
     FACTS["states"] = states
 
 
-SCENARIOS = {"ui": sc_ui, "install": sc_install, "bad_inputs": sc_bad_inputs, "generate": sc_generate, "undo": sc_undo,
+def sc_image_input(zip_path, opts):
+    """Image conditioning inputs reach the engine as top-down sRGB uint8, from each source."""
+    install(zip_path)
+    session = sub("session")
+    eng = sub("engine_shim").get_engine()
+    fake_engine(session, eng)
+    seen = []
+    gen = session._generate_fn
+
+    def recording(req, **kw):
+        seen.append(dict(shape=list(req.image.shape), dtype=str(req.image.dtype), top=req.image[0, 0].tolist(),
+                         bottom=req.image[-1, 0].tolist(), prompt=req.prompt, name=req.image_name))
+        return gen(req, **kw)
+
+    session.set_engine_functions(generate=recording, decode=session._decode_fn)
+    w, h = 16, 8
+    px = np.zeros((h, w, 4), np.float32)
+    px[: h // 2] = (0.0, 0.0, 1.0, 1.0)  # Blender rows are bottom-up: the lower half is blue
+    px[h // 2:] = (1.0, 0.0, 0.0, 1.0)  # the upper half red
+    img = bpy.data.images.new("probe", w, h, alpha=True)
+    img.pixels.foreach_set(px.reshape(-1))
+    lin = bpy.data.images.new("linear_probe", w, h, alpha=True, float_buffer=True)
+    lin.pixels.foreach_set(np.tile(np.array([0.214, 0.214, 0.214, 1.0], np.float32), w * h))
+    s = bpy.context.scene.shap_e
+    s.input_mode, s.image_source = "IMAGE", "DATABLOCK"
+    for im in (img, lin):
+        s.image = im
+        bpy.ops.shap_e.generate(sync=True)
+    path = opts["png"]
+    img.filepath_raw, img.file_format = path, "PNG"
+    img.save()
+    s.image_source, s.image_path = "FILE", path
+    before = snapshot()
+    bpy.ops.shap_e.generate(sync=True)
+    after = snapshot()
+    FACTS["file_images_unchanged"] = after["images"] == before["images"]
+    FACTS["seen"] = seen
+    FACTS["error"] = session.ui.error
+    FACTS["image_prop"] = [o.get("shap_e_image") for o in bpy.data.objects if "shap_e_image" in o]
+
+
+SCENARIOS = {"ui": sc_ui, "image_input": sc_image_input, "install": sc_install, "bad_inputs": sc_bad_inputs, "generate": sc_generate, "undo": sc_undo,
              "cancel": sc_cancel}
 
 
