@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+from blender_env import ROOT, HERE  # noqa: E402  (tests/blender is on sys.path)
+
 
 pytest.importorskip("bpy", reason="the bpy wheel (Blender as a Python module) is not installed")
 
@@ -27,15 +27,6 @@ def addon_zip(tmp_path_factory) -> Path:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return Path(proc.stdout.strip().splitlines()[-1])
-
-
-def mini_weights_reason() -> str | None:
-    """Why the real engine cannot run (None when it can)."""
-    if not (ROOT / "engine" / "pipeline.py").exists():
-        return "engine/pipeline.py does not exist yet"
-    if not (ROOT / "engine" / "weights" / "mini" / "mini.json").exists():
-        return "the mini model's weights (engine/weights/mini) are not in the repository yet"
-    return None
 
 
 @pytest.fixture

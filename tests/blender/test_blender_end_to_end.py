@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import mini_weights_reason
+from blender_env import mini_weights_reason
 
 pytestmark = [pytest.mark.blender, pytest.mark.timeout(240)]
 
