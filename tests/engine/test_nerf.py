@@ -126,3 +126,20 @@ def test_bad_rays_and_missing_slots_raise():
         render_rays(lambda p: {}, torch.zeros(4, 2), torch.zeros(4, 2))
     with pytest.raises(EngineError, match="density_coarse"):
         render_rays(lambda p: {}, torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_end_to_end_through_the_implicit_decoder():
+    """Latent -> ImplicitDecoder (transmitter-layout weights) -> render_nerf reproduces the official image."""
+    from engine.config import transmitter_from_official
+    from engine.models.implicit_decoder import ImplicitDecoder, transmitter_to_decoder_keys
+    from tests.conftest import load_config
+
+    _, cfg = transmitter_from_official(load_config("nerf_render")["config"])
+    decoder = ImplicitDecoder(cfg).eval()
+    state, _ = transmitter_to_decoder_keys(load_weights("nerf_render.safetensors"))
+    decoder.load_state_dict(state, strict=True)
+    field = decoder.field_fn(torch.from_numpy(NPZ["latent"]))
+    out = render_nerf(field, _fixture_camera(), deterministic=True)
+    np.testing.assert_allclose(out["channels"][0].numpy(), NPZ["channels"], atol=1e-3)
+    np.testing.assert_allclose(out["depth"][0].numpy(), NPZ["depth"][..., 0], atol=1e-4)
+    np.testing.assert_array_equal(out["image_u8"][0].numpy(), NPZ["image_u8"])
