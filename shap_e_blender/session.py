@@ -186,7 +186,9 @@ def _insert_generated(job: jobs.Job) -> None:
         loc = tuple(a + b for a, b in zip(p["location"], off))
         objs.append(mesh_import.create_object(rec, name=object_name(req), collection=scene.collection,
                                               location=loc, meta=_metadata(rec, req)))
-    view_layer = bpy.context.view_layer if bpy.context.scene == scene else scene.view_layers[0]
+    # A timer callback may run without a window, hence without context.view_layer.
+    view_layer = getattr(bpy.context, "view_layer", None) if bpy.context.scene == scene else None
+    view_layer = view_layer or scene.view_layers[0]
     mesh_import.select_only(view_layer, objs)
     scene.shap_e.last_seed = int(records[0].seed if records[0].seed is not None else req.seed)
     job.payload["objects"] = [o.name for o in objs]
