@@ -162,7 +162,8 @@ def marching_cubes(grid: torch.Tensor | np.ndarray, *, official_scale: bool = Fa
     if official_scale:
         verts = verts / (size + 1) * 2.0 - 1.0  # the official mapping through the padded size
     else:
-        verts = (verts - 1.0) / (size - 1) * 2.0 - 1.0
+        # Caps made by the padding sit a fraction of a voxel past the outer grid points: put them on the box.
+        verts = np.clip((verts - 1.0) / (size - 1) * 2.0 - 1.0, -1.0, 1.0)
     faces = faces[:, [0, 2, 1]]  # skimage winds clockwise seen from outside for "inside = higher"
     return verts.astype(np.float32), faces.astype(np.int32)
 
