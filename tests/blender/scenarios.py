@@ -129,6 +129,20 @@ def sc_install(zip_path, opts):
     FACTS["models_dir_is_extension_user"] = "extensions" in prefs.models_dir()
     FACTS["vendored"] = sub("engine_shim").is_vendored()
     FACTS["models"] = [m[0] for m in sub("properties").model_infos()]
+    # Every vendored engine module imports from inside the extension (relative imports only).
+    import pkgutil
+
+    eng = importlib.import_module(PKG + ".engine")
+    errors = {}
+    for info in pkgutil.walk_packages(eng.__path__, eng.__name__ + "."):
+        if info.name.endswith(("__main__", ".cli")):
+            continue
+        try:
+            importlib.import_module(info.name)
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            errors[info.name] = f"{type(err).__name__}: {err}"
+    FACTS["engine_import_errors"] = errors
+    FACTS["engine_modules_from_repo"] = sorted(m for m in sys.modules if m == "engine" or m.startswith("engine."))
     before = snapshot()
     import addon_utils
 
