@@ -6,6 +6,8 @@ then, so one click is exactly one undo step (an UNDO flag would add a second, em
 Input errors are reported with ``self.report`` *and* shown in the panel with a hint (session.report_error).
 """
 
+import os
+
 import bpy
 from bpy.props import BoolProperty, IntProperty, StringProperty
 
@@ -59,8 +61,10 @@ class SHAP_E_OT_generate(bpy.types.Operator):
 
             req = requests.build_request(context, settings, get_prefs(context),
                                          prompt=self.prompt or None, model=self.model or None)
+            from_file = req.image is not None and settings.image_source == "FILE"
             session.start_generate(req, scene=context.scene, location=context.scene.cursor.location.copy(),
-                                   spacing=settings.spacing, sync=_sync(self))
+                                   spacing=settings.spacing, sync=_sync(self),
+                                   image_path=bpy.path.abspath(settings.image_path) if from_file else None)
         except _engine_errors() as err:
             return _fail(self, err)
         return self._result()
@@ -99,15 +103,19 @@ class SHAP_E_OT_variations(bpy.types.Operator):
             image = name = None
             if not meta.get("prompt"):
                 img = bpy.data.images.get(meta.get("image", ""))
-                if img is None:
+                if img is not None:
+                    image, name = requests.image_array(img), img.name
+                elif meta.get("image_path") and os.path.isfile(meta["image_path"]):
+                    image, name = requests.file_image(meta["image_path"])
+                else:
                     raise _engine_errors()[0](f"The source image '{meta.get('image')}' is not in this file",
                                               "Load it again (same name), or use Generate with Input: Image")
-                image, name = requests.image_array(img), img.name
             req = requests.build_request(context, settings, get_prefs(context), prompt=meta.get("prompt"),
                                          model=meta.get("model"), count=self.count or settings.count,
                                          image=image, image_name=name, like=meta)
             session.start_generate(req, scene=context.scene, location=obj.location.copy(),
-                                   spacing=settings.spacing, layout_mode="beside", sync=_sync(self))
+                                   spacing=settings.spacing, layout_mode="beside", sync=_sync(self),
+                                   image_path=meta.get("image_path"))
         except _engine_errors() as err:
             return _fail(self, err)
         return SHAP_E_OT_generate._result(self)

@@ -77,7 +77,7 @@ def image_array(img):
     return pixels_to_srgb_uint8(buf, w, h, channels, linear=linear)
 
 
-def _file_image(path: str):
+def file_image(path: str):
     path = bpy.path.abspath(path)
     if not path:
         raise _error("No image file chosen", "Pick a file in 'Image File', or set 'Image from' to Image Editor")
@@ -103,7 +103,7 @@ def _file_image(path: str):
 def source_image(context, settings):
     """(array, name) of the image the settings point at."""
     if settings.image_source == "FILE":
-        return _file_image(settings.image_path)
+        return file_image(settings.image_path)
     if settings.image_source == "DATABLOCK":
         img = settings.image
         if img is None:

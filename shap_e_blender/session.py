@@ -78,10 +78,10 @@ def _start(task, *, label: str, kind: str, payload: dict, sync: bool) -> jobs.Jo
 
 
 def start_generate(request, *, scene, location, spacing: float, layout_mode: str = "grid",
-                   sync: bool = False) -> jobs.Job:
+                   image_path: str | None = None, sync: bool = False) -> jobs.Job:
     gen = _generate_fn or get_engine().generate
     payload = dict(scene=scene.name, location=tuple(location), spacing=spacing, layout=layout_mode,
-                   request=request)
+                   request=request, image_path=image_path)
     label = request.prompt or request.image_name or "image"
 
     def task(ctx: jobs.JobContext):
@@ -156,14 +156,14 @@ def _finish(job: jobs.Job) -> None:
         ui.info = job.progress.text or f"{job.label}: done"
 
 
-def _metadata(rec, req) -> dict:
+def _metadata(rec, req, image_path=None) -> dict:
     from . import __version__
 
     r = rec.request or req
     return dict(prompt=r.prompt, image=r.image_name, seed=int(rec.seed if rec.seed is not None else r.seed),
                 steps=r.steps, guidance=None if r.guidance_scale is None else float(r.guidance_scale),
                 model=rec.model or r.model, grid_size=int(rec.grid_size or r.grid_size), sampler=r.sampler,
-                version=__version__)
+                image_path=image_path, version=__version__)
 
 
 def object_name(req) -> str:
@@ -185,7 +185,7 @@ def _insert_generated(job: jobs.Job) -> None:
     for rec, off in zip(records, offsets):
         loc = tuple(a + b for a, b in zip(p["location"], off))
         objs.append(mesh_import.create_object(rec, name=object_name(req), collection=scene.collection,
-                                              location=loc, meta=_metadata(rec, req)))
+                                              location=loc, meta=_metadata(rec, req, p.get("image_path"))))
     # A timer callback may run without a window, hence without context.view_layer.
     view_layer = getattr(bpy.context, "view_layer", None) if bpy.context.scene == scene else None
     view_layer = view_layer or scene.view_layers[0]

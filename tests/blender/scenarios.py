@@ -425,6 +425,14 @@ def sc_image_input(zip_path, opts):
     bpy.ops.shap_e.generate(sync=True)
     after = snapshot()
     FACTS["file_images_unchanged"] = after["images"] == before["images"]
+    # Variations of the file-made object reload the picture from the stored path.
+    src = next(o for o in bpy.data.objects if o.get("shap_e_image") == "probe.png")
+    FACTS["file_obj_path"] = src.get("shap_e_image_path")
+    bpy.context.view_layer.objects.active = src
+    names = {o.name for o in bpy.data.objects}
+    bpy.ops.shap_e.variations(count=1, sync=True)
+    FACTS["file_variation"] = [o.get("shap_e_image") for o in bpy.data.objects if o.name not in names]
+    FACTS["images_after_variation_unchanged"] = snapshot()["images"] == before["images"]
     FACTS["seen"] = seen
     FACTS["error"] = session.ui.error
     FACTS["image_prop"] = [o.get("shap_e_image") for o in bpy.data.objects if "shap_e_image" in o]
