@@ -1,0 +1,163 @@
+"""CLIP conditioner: parity with the official FrozenImageCLIP on the tiny OpenAI-format CLIP (fixture clip_tiny)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ClipConfig
+from engine.records import EngineError
+from tests.conftest import FIXTURES, load_config, load_npz
+
+pytest.importorskip("open_clip")
+
+from engine.conditioning.clip import (  # noqa: E402
+    ClipConditioner, build_open_clip, load_image, normalize_state_dict, tokenize,
+)
+
+
+def tiny_config() -> ClipConfig:
+    c = load_config("clip_tiny")["clip_config"]
+    return ClipConfig(arch="custom", pretrained="", embed_dim=c["embed_dim"], image_size=c["image_resolution"],
+                      vision_width=c["vision_width"], vision_layers=c["vision_layers"],
+                      vision_patch_size=c["vision_patch_size"], text_width=c["transformer_width"],
+                      text_layers=c["transformer_layers"], text_heads=c["transformer_heads"],
+                      context_length=c["context_length"], vocab_size=c["vocab_size"], quick_gelu=True)
+
+
+@pytest.fixture(scope="module")
+def clip() -> ClipConditioner:
+    return ClipConditioner.from_config(tiny_config(), weights=FIXTURES / "clip_tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict:
+    return load_npz("clip_tiny")
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    return [load_image(FIXTURES / "clip_image0_rgb.png"), load_image(FIXTURES / "clip_image1_rgba.png")]
+
+
+def test_tokens_exact_and_truncation_flag(clip, ref):
+    prompts = load_config("clip_tiny")["prompts"]
+    tokens, truncated = clip.tokenize(prompts)
+    assert tokens.dtype == torch.long and tokens.shape == (3, 77)
+    np.testing.assert_array_equal(tokens.numpy(), ref["tokens"])
+    assert truncated == [False, False, True]
+    assert tokens[2, 76] == 49407 and tokens[0, 0] == 49406  # EOT kept last when truncated
+
+
+def test_truncation_boundary():
+    # SOT + n words + EOT: 75 one-token words fit exactly (77), 76 do not.
+    fits, over = " ".join(["cat"] * 75), " ".join(["cat"] * 76)
+    tokens, truncated = tokenize([fits, over])
+    assert truncated == [False, True]
+    assert tokens[0, 76] == 49407 and tokens[1, 76] == 49407
+    assert torch.equal(tokens[0], tokens[1])  # truncating 76 words gives the 75-word tokens
+
+
+def test_text_embedding(clip, ref):
+    emb = clip.embed_text(load_config("clip_tiny")["prompts"])
+    assert emb.dtype == torch.float32 and emb.shape == (3, 32)
+    np.testing.assert_allclose(emb.numpy(), ref["text_emb"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(emb.norm(dim=-1).numpy(), 1.0, atol=1e-6)
+
+
+def test_load_image_keeps_alpha(images):
+    assert images[0].shape == (200, 300, 3) and images[0].dtype == np.uint8
+    assert images[1].shape == (160, 128, 4)
+
+
+def test_preprocess_matches_official_pixels(clip, ref, images):
+    px = clip.preprocess(images)
+    assert px.shape == (2, 3, 224, 224) and px.dtype == torch.float32
+    np.testing.assert_allclose(px.numpy(), ref["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_preprocess_float_input_equals_uint8(clip, images):
+    as_float = images[0].astype(np.float32) / 255.0
+    assert torch.equal(clip.preprocess([as_float]), clip.preprocess([images[0]]))
+
+
+def test_image_grid_and_embedding(clip, ref, images):
+    grid = clip.embed_image_grid(images)
+    assert grid.shape == (2, 64, 256) and grid.dtype == torch.float32
+    np.testing.assert_allclose(grid.numpy(), ref["image_grid"], atol=1e-5, rtol=0)
+    emb = clip.embed_image(images)
+    np.testing.assert_allclose(emb.numpy(), ref["image_emb"], atol=1e-5, rtol=0)
+    # Preprocessed pixels are accepted as well.
+    np.testing.assert_allclose(clip.embed_image(torch.from_numpy(ref["pixel_values"])).numpy(), ref["image_emb"],
+                               atol=1e-5, rtol=0)
+
+
+def test_grid_is_before_ln_post(clip, images):
+    """The grid must not be layer-normalised: open_clip's ln_post applied to it gives different tokens."""
+    grid = clip.embed_image_grid(images[:1])  # (1, C, T)
+    normed = clip.model.visual.ln_post(grid.transpose(1, 2))
+    assert (normed - grid.transpose(1, 2)).abs().max() > 1e-2
+
+
+def test_openai_state_dict_with_int_entries_loads():
+    from tests.conftest import load_weights
+
+    sd = load_weights("clip_tiny.safetensors")
+    sd_openai = {**sd, "input_resolution": 224, "context_length": 77, "vocab_size": 49408}
+    sd_ddp = {f"module.{k}": v for k, v in sd.items()}
+    assert normalize_state_dict(sd_openai).keys() == sd.keys() == normalize_state_dict(sd_ddp).keys()
+    a = ClipConditioner.from_config(tiny_config(), weights=sd_ddp).embed_text(["a cube"])
+    b = ClipConditioner.from_config(tiny_config(), weights=sd).embed_text(["a cube"])
+    assert torch.equal(a, b)
+
+
+def test_wrong_weights_give_readable_error():
+    sd = {k: v for k, v in build_open_clip(tiny_config()).state_dict().items() if "visual.proj" not in k}
+    with pytest.raises(EngineError, match=r"1 missing \(visual\.proj\)"):
+        ClipConditioner.from_config(tiny_config(), weights=sd)
+
+
+def test_bad_image_files(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    with pytest.raises(EngineError, match="not a readable image") as err:
+        load_image(bad)
+    assert "PNG or JPEG" in err.value.hint
+    with pytest.raises(EngineError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes((FIXTURES / "clip_image0_rgb.png").read_bytes()[:200])
+    with pytest.raises(EngineError, match="not a readable image"):
+        load_image(truncated)
+
+
+def test_bad_image_arrays(clip):
+    with pytest.raises(EngineError, match="shape"):
+        clip.preprocess([np.zeros((4, 4, 2), np.uint8)])
+    with pytest.raises(EngineError, match="NaN"):
+        clip.preprocess([np.full((4, 4, 3), np.nan, np.float32)])
+
+
+def test_missing_real_weights_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHAP_E_CACHE", str(tmp_path))
+    with pytest.raises(EngineError) as err:
+        ClipConditioner.from_config(ClipConfig())  # ViT-L-14, nothing in the cache
+    text = str(err.value)
+    assert "ViT-L-14.pt" in text and str(tmp_path) in text
+    assert "--clip-weights PATH" in err.value.hint and "python -m engine download clip" in err.value.hint
+    assert "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836" in err.value.hint
+
+
+def test_vit_l14_architecture_matches_manifest():
+    """The named arch builds offline (meta device) with exactly the CLIP ViT-L/14 manifest's keys and shapes."""
+    from tests.conftest import load_manifest
+
+    manifest = load_manifest("clip_vit_l14")["state_dict"]
+    model = build_open_clip(ClipConfig(), device="meta")
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: v["shape"] for k, v in manifest.items() if k not in ("input_resolution", "context_length",
+                                                                        "vocab_size")}
+    assert ours == theirs
+    # QuickGELU like the OpenAI weights
+    assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
