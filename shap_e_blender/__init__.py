@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"  # keep equal to blender_manifest.toml (build.py checks)
 
-_MODULES = ("properties", "preferences", "preview", "operators", "setup_ops", "panels")
+_MODULES = ("properties", "preferences", "preview", "session", "operators", "setup_ops", "panels")
 
 
 def _modules():
@@ -31,9 +31,6 @@ def register():
 
 
 def unregister():
-    from . import session
-
-    session.unregister()
     for mod in reversed(_modules()):
         mod.unregister()
     _forget_paths()

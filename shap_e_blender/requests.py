@@ -23,7 +23,8 @@ def _error(message: str, hint: str):
     return get_engine().EngineError(message, hint)
 
 
-def check_model(name: str, mode: str) -> None:
+def check_model(name: str, mode: str, *, presence: bool = True) -> None:
+    """Known name and the right kind for ``mode``; with ``presence`` also that its weights are installed."""
     infos = {n: (kind, present) for n, kind, present, _ in model_infos()}
     if name not in infos:
         raise _error(f"Unknown model '{name}'", f"Choose one of: {', '.join(infos)}")
@@ -32,6 +33,8 @@ def check_model(name: str, mode: str) -> None:
         other = "an image" if kind == "image" else "a text prompt"
         raise _error(f"Model '{name}' takes {other}, not {'a prompt' if mode == 'text' else 'an image'}",
                      f"Switch Input to {'Image' if kind == 'image' else 'Text'}, or pick another model")
+    if not presence:
+        return
     if not present and name == "mini":
         raise _error("The embedded 'mini' model's weights are missing from this installation",
                      "Reinstall the extension (the zip ships them in engine/weights/mini)")
@@ -127,7 +130,7 @@ def build_request(context, settings, prefs, *, prompt: str | None = None, model:
     eng = get_engine()
     model = model or settings.model
     mode = "image" if (image is not None or (prompt is None and settings.input_mode == "IMAGE")) else "text"
-    check_model(model, mode)
+    check_model(model, mode, presence=False)  # input errors first, missing weights last
     if mode == "text":
         text = (settings.prompt if prompt is None else prompt).strip()
         if not text:
@@ -136,6 +139,7 @@ def build_request(context, settings, prefs, *, prompt: str | None = None, model:
         text = None
         if image is None:
             image, image_name = source_image(context, settings)
+    check_model(model, mode)
     if seed is None:
         seed = random.randrange(2**31) if (settings.random_seed or like) else settings.seed
     like = like or {}

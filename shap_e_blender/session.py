@@ -263,7 +263,22 @@ def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width) or [""]
 
 
+@bpy.app.handlers.persistent
+def _on_load_pre(*_args) -> None:
+    """Opening another file cancels the job: its result belongs to the file it was started in."""
+    if runner.busy:
+        runner.cancel()
+        ui.info = "Cancelled: another file was opened"
+
+
+def register() -> None:
+    if _on_load_pre not in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.append(_on_load_pre)
+
+
 def unregister() -> None:
+    if _on_load_pre in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_on_load_pre)
     runner.cancel()
     if runner.active is not None:
         runner.active.join(5.0)

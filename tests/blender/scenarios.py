@@ -69,6 +69,9 @@ def mesh_facts(obj) -> dict:
 def fake_engine(session, eng, *, steps: int = 8, delay: float = 0.0):
     """A test double with the engine's signatures: a coloured box per seed, honouring should_cancel."""
     calls = {"generate": 0, "decode": 0}
+    # The double stands in for the mini model, so the add-on must see it as installed.
+    sub("properties")._infos_cache = [("mini", "both", True, "test double"),
+                                      ("text300M", "text", False, "official"), ("image300M", "image", False, "")]
 
     def box(size, color, latent):
         v = np.array([[x, y, z] for x in (-size, size) for y in (-size, size) for z in (-size, size)], np.float32)
@@ -151,6 +154,7 @@ def sc_install(zip_path, opts):
         scene_prop=hasattr(bpy.types.Scene, "shap_e"),
         classes=sorted(n for n in dir(bpy.types) if n.startswith("SHAP_E_")),
         timers=bpy.app.timers.is_registered(sub("session").timer_tick),
+        handlers=[h.__module__ for h in bpy.app.handlers.load_pre if h.__module__.startswith(PKG)],
         data_changed=snapshot() != before,
         sys_path=[p for p in sys.path if "shap_e_generator" in p],
         enabled=PKG in bpy.context.preferences.addons,

@@ -26,4 +26,5 @@ def test_install_enable_and_disable(run_scenario):
     assert not gone["enabled"]
     assert not gone["scene_prop"], "Scene.shap_e must be removed"
     assert gone["classes"] == [], f"classes left registered: {gone['classes']}"
+    assert gone["handlers"] == []
     assert not gone["timers"] and not gone["data_changed"] and gone["sys_path"] == []
