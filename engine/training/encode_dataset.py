@@ -27,10 +27,11 @@ from .object_bank import build_bank
 from .world import YAWED_SHAPES, ObjectSpec, allowed_kinds, caption, is_held_out, kind_from_index
 
 
-def train_specs(per_kind: int, generator: torch.Generator, jitter: float = 0.05) -> list[ObjectSpec]:
-    """``per_kind`` random instances of every train kind (kind-major order)."""
+def train_specs(per_kind: int, generator: torch.Generator, jitter: float = 0.05, kind_stride: int = 1
+                ) -> list[ObjectSpec]:
+    """``per_kind`` random instances of every train kind (every ``kind_stride``-th for quick checks)."""
     specs = []
-    for k in allowed_kinds("train"):
+    for k in allowed_kinds("train")[::kind_stride]:
         s, a, c = kind_from_index(k)
         for _ in range(per_kind):
             u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
@@ -76,33 +77,38 @@ class ClipEmbedder:
     @torch.no_grad()
     def grid(self, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
         """images (N, S, S, 3) float sRGB in [0, 1] -> (N, width, tokens) fp16."""
-        return torch.cat([self.cond.embed_image_grid(images[i:i + batch]).half().cpu()
-                          for i in range(0, len(images), batch)])
+        from engine.conditioning.clip import CLIP_MEAN, CLIP_STD
+
+        # Renders are already at the CLIP size: preprocessing reduces to the mean/std normalisation.
+        mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+        return torch.cat([self.cond.embed_image_grid((images[i:i + batch].permute(0, 3, 1, 2) - mean) / std)
+                          .half().cpu() for i in range(0, len(images), batch)])
 
 
 def clip_conditioner(clip_dir: str, device):
-    """The inference conditioner for a trained mini CLIP folder (clip.safetensors + clip_config.json)."""
-    from engine.conditioning.clip import ClipConditioner, build_open_clip
-    from safetensors.torch import load_file
+    """The inference conditioner (engine.conditioning.clip) on a trained mini CLIP folder."""
     import json
 
+    from engine.conditioning.clip import ClipConditioner, build_open_clip
     from engine.config import ClipConfig
+    from safetensors.torch import load_file
 
     cfg = from_dict(ClipConfig, json.loads(open(os.path.join(clip_dir, "clip_config.json")).read()))
     model = build_open_clip(cfg)
     model.load_state_dict(load_file(os.path.join(clip_dir, "clip.safetensors")))
-    return ClipConditioner(model.to(device).eval(), cfg)
+    return ClipConditioner(cfg, model, device=device)
 
 
 @torch.no_grad()
 def encode_dataset(transmitter: Transmitter, out_path: str, *, per_kind: int = 16, cond_views: int = 4,
                    clip: ClipEmbedder | None = None, device="cpu", seed: int = 0, chunk: int = 256,
-                   cond_size: int = 64, supersample: int = 2) -> dict:
+                   cond_size: int = 64, supersample: int = 2, kind_stride: int = 1) -> dict:
     """Write the dataset file (torch.save dict, atomically) and return it."""
     dev = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     enc = transmitter.encoder.cfg
-    specs = train_specs(per_kind, g)
+    specs = train_specs(per_kind, g, kind_stride=kind_stride)
     assert not any(is_held_out(s.shape, s.color) for s in specs)
     t0 = time.time()
     latents, images = [], []

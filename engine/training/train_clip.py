@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from engine.config import ClipConfig, to_dict
+from engine.mini_config import MINI_CLIP
 
 from . import loop, render_world
 from .world import (
@@ -31,10 +32,7 @@ from .world import (
 )
 from engine.render.cameras import look_at_cameras
 
-# The mini CLIP's fixed sizes (text width 128 -> 2 heads of 64, what the OpenAI-layout loader infers).
-MINI_CLIP_CONFIG = ClipConfig(arch="custom", pretrained="", embed_dim=64, image_size=64, vision_patch_size=8,
-                              vision_width=128, vision_layers=4, text_width=128, text_layers=4, text_heads=2,
-                              context_length=77, quick_gelu=True)
+MINI_CLIP_CONFIG = MINI_CLIP  # the mini CLIP's sizes: engine/mini_config.py is the single source of truth
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -1,0 +1,160 @@
+"""One command that rebuilds the shipped mini weights: stages a -> b -> encode -> c (text, image) -> export.
+
+    python -m engine.training reproduce --out runs/mini --device auto --preset gpu   # one H100: ~20 min in all
+    python -m engine.training reproduce --out runs/mini --device cpu --preset cpu    # 2-core CPU: see PRESETS
+    python -m engine.training export --out runs/mini                                 # only re-export
+
+Each stage writes into its own folder under --out and is skipped when its final output already exists, so an
+interrupted reproduction resumes where it stopped (the running stage resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_EXPORT = Path(__file__).resolve().parents[1] / "weights" / "mini"
+
+# Step counts / batch sizes of the shipped weights ("gpu") and a CPU fallback. Batches are per process.
+PRESETS: dict[str, dict] = {
+    "gpu": {
+        "clip": {"steps": 2500, "batch": 256},
+        "transmitter": {"steps": 5000, "batch": 64, "bank": 4096, "eval_every": 1000},
+        "encode": {"per_kind": 24, "cond_views": 4},
+        "text_prior": {"steps": 6000, "batch": 256},
+        "image_prior": {"steps": 6000, "batch": 256},
+    },
+    "cpu": {  # about 10 h on a 2-core CPU (measured per-step costs x steps; see the report in the commit log)
+        "clip": {"steps": 1500, "batch": 64},
+        "transmitter": {"steps": 2000, "batch": 8, "bank": 384, "eval_every": 500, "eval_objects": 16},
+        "encode": {"per_kind": 4, "cond_views": 2},
+        "text_prior": {"steps": 2500, "batch": 32},
+        "image_prior": {"steps": 2500, "batch": 32},
+    },
+    "smoke": {  # seconds-scale plumbing check (tests); the weights are useless
+        "clip": {"steps": 2, "batch": 8},
+        "transmitter": {"steps": 2, "batch": 2, "bank": 4, "eval_every": 0, "eval_objects": 2,
+                        "bank_surface": 256, "n_surface": 64, "n_near": 64, "n_uniform": 64},
+        "encode": {"per_kind": 1, "cond_views": 1, "kind_stride": 41, "supersample": 1},
+        "text_prior": {"steps": 2, "batch": 4},
+        "image_prior": {"steps": 2, "batch": 4},
+    },
+}
+
+
+def _stage(name: str, done: Path, fn, record: dict) -> None:
+    if done.exists():
+        print(f"[reproduce] {name}: already done ({done})", flush=True)
+        record.setdefault(name, {"skipped": True})
+        return
+    print(f"[reproduce] {name} ...", flush=True)
+    t0 = time.time()
+    result = fn()
+    record[name] = {"seconds": round(time.time() - t0, 1), "result": _jsonable(result)}
+    print(f"[reproduce] {name}: {record[name]['seconds']} s", flush=True)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items() if not isinstance(v, torch.Tensor) and k != "caption_texts"}
+    return x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x)
+
+
+def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to: str | None = None,
+              seed: int = 0) -> dict:
+    from . import train_clip
+    from .encode_dataset import ClipEmbedder, clip_conditioner, encode_dataset, load_transmitter
+    from .export import export_mini
+    from .loop import resolve_device
+    from .train_prior import PriorTrainConfig, train_prior
+    from .train_transmitter import TransmitterTrainConfig, train_transmitter
+
+    p = PRESETS[preset]
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    rec_path = root / "reproduce.json"
+    record = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+    record.update({"preset": preset, "device": device, "seed": seed})
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(dev)
+    record["host"] = platform.node()
+    t_all = time.time()
+
+    def save_record():
+        rec_path.write_text(json.dumps(record, indent=2, default=str))
+
+    c = p["clip"]
+    _stage("clip", root / "clip" / "done", lambda: _mark(root / "clip", train_clip.main(
+        ["--out", str(root / "clip"), "--steps", str(c["steps"]), "--batch", str(c["batch"]), "--device", device,
+         "--seed", str(seed)] + (["--resume"] if (root / "clip" / "checkpoint.pt").exists() else []))), record)
+    save_record()
+    tcfg = TransmitterTrainConfig(seed=seed, **p["transmitter"])
+    _stage("transmitter", root / "transmitter" / "done", lambda: _mark(root / "transmitter", train_transmitter(
+        str(root / "transmitter"), tcfg, device=device, resume=True)), record)
+    save_record()
+    e = p["encode"]
+
+    def encode():
+        model = load_transmitter(str(root / "transmitter"), dev)
+        clip = ClipEmbedder(clip_conditioner(str(root / "clip"), dev))
+        blob = encode_dataset(model, str(root / "latents.pt"), clip=clip, device=dev, seed=seed, **e)
+        return _mark(root / "encode", {"n_latents": len(blob["latents"]), "n_captions": len(blob["caption_texts"]),
+                                       "seconds": blob["seconds"]})
+
+    _stage("encode", root / "encode" / "done", encode, record)
+    save_record()
+    for mode in ("text", "image"):
+        pc = PriorTrainConfig(cond=mode, seed=seed, **p[f"{mode}_prior"])
+        folder = root / f"{mode}_prior"
+        _stage(f"{mode}_prior", folder / "done", lambda pc=pc, folder=folder: _mark(folder, train_prior(
+            str(root / "latents.pt"), str(folder), pc, device=device, resume=True)), record)
+        save_record()
+    record["total_seconds_this_invocation"] = round(time.time() - t_all, 1)
+    record["torch"] = torch.__version__
+    meta = export_mini(root, export_to or DEFAULT_EXPORT, training=record)
+    record["export"] = {"dir": str(export_to or DEFAULT_EXPORT), "total_bytes": meta["total_bytes"]}
+    save_record()
+    print(f"[reproduce] exported {meta['total_bytes'] / 1e6:.2f} MB to {export_to or DEFAULT_EXPORT}", flush=True)
+    return record
+
+
+def _mark(folder: Path, result):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "done").write_text(json.dumps(_jsonable(result), default=str))
+    return result
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m engine.training", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("reproduce", help="run every stage and export the weights")
+    r.add_argument("--out", default="runs/mini")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
+    r.add_argument("--export-to", default=None, help=f"default: {DEFAULT_EXPORT}")
+    r.add_argument("--seed", type=int, default=0)
+    x = sub.add_parser("export", help="export a finished run")
+    x.add_argument("--out", default="runs/mini")
+    x.add_argument("--export-to", default=None)
+    a = ap.parse_args(argv)
+    if a.cmd == "reproduce":
+        reproduce(a.out, device=a.device, preset=a.preset, export_to=a.export_to, seed=a.seed)
+    else:
+        from .export import export_mini
+
+        rec = Path(a.out) / "reproduce.json"
+        info = json.loads(rec.read_text()) if rec.exists() else {}
+        meta = export_mini(a.out, a.export_to or DEFAULT_EXPORT, training=info)
+        print(f"exported {meta['total_bytes'] / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
