@@ -19,9 +19,10 @@ State-dict keys are the official ones below ``encoder.`` except ``params_proj.*`
 projection belongs to the decoder; ``Transmitter`` re-attaches it under ``encoder.params_proj``).
 
 Differences from the official code, all without effect on the checkpoint: no random neighbour shuffle in the point
-conv (see encoder_pointconv.py); the cross-attention keys are all given points/views when their number equals
-``n_points``/``n_views`` (the official random subset of the whole set only permutes keys, which attention ignores),
-and a random subset drawn with ``generator`` when more are given.
+conv (see encoder_pointconv.py); the two multiview convolutions run composed into one (encoder_multiview.py);
+the cross-attention keys are all given points/views when their number equals ``n_points``/``n_views`` (the
+official random subset of the whole set only permutes keys, which attention ignores), and a random subset drawn
+with ``generator`` when more are given.
 """
 
 from __future__ import annotations

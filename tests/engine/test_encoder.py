@@ -105,6 +105,18 @@ def test_latent_parity(model, batch, ref):
     assert torch.equal(lat_fwd, lat)
 
 
+def test_fused_path_with_per_pixel_origins(model, batch):
+    """Rays whose origins differ per pixel take the general fused path (origin encoding convolved, not split)."""
+    args = list(batch.tensors())
+    rays = args[4].clone()
+    rays[..., 0, :] += 0.01 * torch.randn(rays.shape[:-2] + (3,), generator=torch.Generator().manual_seed(0))
+    args[4] = rays
+    with torch.no_grad():
+        fused = model.multiview_tokens(*args[1:], fused=True)
+        reference = model.multiview_tokens(*args[1:], fused=False)
+    torch.testing.assert_close(fused, reference, **TOL)
+
+
 def test_bool_mask_equals_alpha_threshold(model, batch):
     args = list(batch.tensors())
     with torch.no_grad():
