@@ -100,7 +100,7 @@ def rasterize(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera) -> tu
     size = torch.pow(2, torch.ceil(torch.log2(extent))).long()  # power-of-two bucket
 
     best = torch.full((n * h * w,), torch.iinfo(torch.int64).max, dtype=torch.int64)
-    for k in torch.unique(size).tolist():
+    for k in (2 ** torch.bincount(torch.log2(size.float()).long()).nonzero()[:, 0]).tolist():
         sel = (size == k).nonzero(as_tuple=True)[0]
         # Bound the candidate tensors (T_k × k²) to ~4M entries per pass.
         step = max(1, (1 << 22) // (k * k))
