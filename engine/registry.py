@@ -124,15 +124,48 @@ def _nbytes(*modules) -> int:
     return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
 
 
-def _load_mini(bundle: ModelBundleConfig, mode: str, device) -> LoadedModel:
-    if not (MINI_DIR / "mini.json").exists():
-        raise EngineError("the embedded model's weights are missing from this installation",
-                          "reinstall the extension, or rebuild them: python -m engine.training reproduce")
-    from .mini_weights import load_mini
+def _mini_parts(device) -> dict:
+    key = ("mini-parts", str(device))
+    if key not in _cache:
+        if not (MINI_DIR / "mini.json").exists():
+            raise EngineError("the embedded model's weights are missing from this installation",
+                              "reinstall the extension, or rebuild them: python -m engine.training reproduce")
+        from .mini_weights import load_mini
 
-    parts = load_mini(device=device, mode=mode)
-    return LoadedModel("mini", mode, bundle, parts["clip"], parts["prior"], parts["decoder"],
-                       _nbytes(parts["prior"], parts["decoder"]))
+        _cache[key] = load_mini(device=device)
+    return _cache[key]
+
+
+def _load_mini(bundle: ModelBundleConfig, mode: str, device) -> LoadedModel:
+    from .conditioning.clip import ClipConditioner
+
+    parts = _mini_parts(device)
+    bundle = parts["configs"][mode]  # the shipped manifest is the truth for the sizes of the shipped weights
+    clip = ClipConditioner(bundle.clip, parts["clip"], device=device)
+    prior = parts[f"{mode}_prior"]
+    return LoadedModel("mini", mode, bundle, clip, prior, parts["decoder"], _nbytes(prior, parts["decoder"]))
+
+
+def load_transmitter(name: str, device):
+    """The encoder + decoder (official transmitter layout) of model ``name``, for mesh -> latent."""
+    with _lock:
+        if name == "mini":
+            return _mini_parts(device)["transmitter"]
+        key = ("transmitter", name, str(device))
+        if key not in _cache:
+            from .checkpoints import load_state_dict, load_strict
+            from .config import OFFICIAL_CONFIG_DIR
+            from .models.transmitter import Transmitter
+            from .weights import cache_dir
+
+            path = cache_dir() / "transmitter.pt"
+            if not path.exists():
+                raise EngineError(f"encoding with {name!r} needs transmitter.pt in {cache_dir()}",
+                                  "run: python -m engine download transmitter   (or use --model mini)")
+            model = Transmitter.from_official_config(OFFICIAL_CONFIG_DIR / "transmitter_config.yaml")
+            load_strict(model, load_state_dict(path), what="transmitter")
+            _cache[key] = model.to(device).eval()
+        return _cache[key]
 
 
 def _load_official(name: str, bundle: ModelBundleConfig, device) -> LoadedModel:
