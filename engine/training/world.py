@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -120,6 +121,11 @@ class ObjectSpec:
 
 def allowed_kinds(split: str = "train") -> list[int]:
     """Kind indices of a split: 'train' (not held out), 'heldout', or 'all'."""
+    return list(_allowed_kinds(split))
+
+
+@lru_cache(maxsize=None)
+def _allowed_kinds(split: str) -> tuple[int, ...]:
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', not {split!r}")
     out = []
@@ -128,13 +134,13 @@ def allowed_kinds(split: str = "train") -> list[int]:
         h = is_held_out(s, c)
         if split == "all" or (split == "heldout") == h:
             out.append(k)
-    return out
+    return tuple(out)
 
 
 def sample_spec(generator: torch.Generator, *, split: str = "train", jitter: float = 0.05,
                 yaw: float | None = None) -> ObjectSpec:
     """Draw one object uniformly over the kinds of ``split``; random yaw for yawed shapes, value jitter +-jitter."""
-    kinds = allowed_kinds(split)
+    kinds = _allowed_kinds(split)
     k = kinds[int(torch.randint(len(kinds), (1,), generator=generator))]
     s, a, c = kind_from_index(k)
     u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
