@@ -9,6 +9,7 @@ pip in a subprocess from the worker, into the extension's user directory, after 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import bpy
 
@@ -34,6 +35,18 @@ def official_file_names(weights) -> list[str]:
     return list(OFFICIAL_FILES)
 
 
+def _print_manual_instructions(folder: str) -> None:
+    try:
+        from .engine_shim import engine_submodule
+
+        weights = engine_submodule("weights")
+        for name in official_file_names(weights):
+            entry = weights.REGISTRY[name]
+            print("[shap-e] " + weights.manual_instructions(entry.url, entry.sha256, Path(folder) / name))
+    except Exception as err:  # noqa: BLE001 - instructions are a courtesy; the hint still names the files
+        print(f"[shap-e] could not list download URLs: {err}")
+
+
 def _progress_reporter(ctx, index: int, count: int, name: str):
     def progress(*args):
         done, total = (args[-2], args[-1]) if len(args) >= 2 else (args[0], 0)
@@ -52,9 +65,11 @@ class SHAP_E_OT_download_models(bpy.types.Operator):
 
     def execute(self, context):
         if not bpy.app.online_access:
+            _print_manual_instructions(models_dir(context))
             session.report_error(RuntimeError("Online access is disabled in Blender"))
             session.ui.hint = (f"Enable Preferences > System > Network > Allow Online Access, or download "
-                               f"{', '.join(OFFICIAL_FILES)} by hand into {models_dir(context)}")
+                               f"{', '.join(OFFICIAL_FILES)} by hand into {models_dir(context)} "
+                               "(the system console lists their URLs and SHA-256 sums)")
             self.report({"ERROR"}, session.ui.hint)
             return {"CANCELLED"}
         if session.runner.busy:
