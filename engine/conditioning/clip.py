@@ -80,13 +80,14 @@ def build_open_clip(cfg: ClipConfig, *, device: torch.device | str | None = None
 
 
 def normalize_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenAI or open_clip state dict -> open_clip ``CLIP`` keys: drops the OpenAI int entries and a DDP
-    ``module.`` prefix; everything else already has the same names."""
+    """OpenAI or open_clip state dict -> open_clip ``CLIP`` keys: drops the OpenAI int entries, a DDP ``module.``
+    prefix and causal ``attn_mask`` tensors (a traced model carries them; open_clip rebuilds them); everything else
+    already has the same names."""
     out = {}
     for k, v in sd.items():
         if k.startswith("module."):
             k = k[len("module."):]
-        if k in OPENAI_EXTRA_KEYS or not isinstance(v, torch.Tensor):
+        if k in OPENAI_EXTRA_KEYS or k.split(".")[-1] == "attn_mask" or not isinstance(v, torch.Tensor):
             continue
         out[k] = v
     return out
