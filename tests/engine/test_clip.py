@@ -161,3 +161,18 @@ def test_vit_l14_architecture_matches_manifest():
     assert ours == theirs
     # QuickGELU like the OpenAI weights
     assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
+def test_fp16_needs_cuda():
+    with pytest.raises(EngineError, match="CUDA"):
+        ClipConditioner.from_config(tiny_config(), dtype=torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_on_cuda_close_to_fp32(ref, images):
+    clip16 = ClipConditioner.from_config(tiny_config(), weights=FIXTURES / "clip_tiny.safetensors", device="cuda",
+                                         dtype=torch.float16)
+    emb = clip16.embed_text(load_config("clip_tiny")["prompts"])
+    assert emb.dtype == torch.float32
+    np.testing.assert_allclose(emb.cpu().numpy(), ref["text_emb"], atol=5e-3)
+    np.testing.assert_allclose(clip16.embed_image_grid(images).cpu().numpy(), ref["image_grid"], atol=5e-2)
