@@ -442,7 +442,71 @@ def sc_image_input(zip_path, opts):
     FACTS["image_prop"] = [o.get("shap_e_image") for o in bpy.data.objects if "shap_e_image" in o]
 
 
-SCENARIOS = {"ui": sc_ui, "image_input": sc_image_input, "install": sc_install, "bad_inputs": sc_bad_inputs, "generate": sc_generate, "undo": sc_undo,
+def _random_mini_models():
+    """Random-weight mini-sized models in the vendored engine's model cache (the engine's own test recipe):
+    the real pipeline runs (conditioning, guided sampling, previews, cancel, decode) without trained weights."""
+    import torch
+
+    registry = sub("engine.registry")
+    mini_bundle = sub("engine.mini_config").mini_bundle
+    ClipConditioner = sub("engine.conditioning.clip").ClipConditioner
+    ImplicitDecoder = sub("engine.models.implicit_decoder").ImplicitDecoder
+    LatentPrior = sub("engine.models.latent_transformer").LatentPrior
+    torch.manual_seed(0)
+    decoder = ImplicitDecoder(mini_bundle("text").decoder).eval()
+    for mode in ("text", "image"):
+        bundle = mini_bundle(mode)
+        prior = LatentPrior(bundle.prior).eval()
+        with torch.no_grad():
+            prior.wrapped.output_proj.weight.normal_(0, 0.02)
+        registry._cache[("mini", mode, "cpu")] = registry.LoadedModel(
+            "mini", mode, bundle, ClipConditioner.from_config(bundle.clip), prior, decoder, 1 << 20)
+    sub("properties")._infos_cache = [("mini", "both", True, "random weights"),
+                                      ("text300M", "text", False, ""), ("image300M", "image", False, "")]
+
+
+def sc_random_engine(zip_path, opts):
+    """The real engine code path (vendored in the zip) with random weights, through the operators."""
+    install(zip_path)
+    session = sub("session")
+    _random_mini_models()
+    s = bpy.context.scene.shap_e
+    s.prompt, s.count, s.grid_size, s.use_model_defaults, s.steps, s.guidance_scale = "a red cube", 1, "64", False, 4, 3.0
+    bpy.context.preferences.addons[PKG].preferences.device = "cpu"
+    before = snapshot()
+    bpy.ops.ed.undo_push(message="before")
+    try:
+        FACTS["ret"] = sorted(bpy.ops.shap_e.generate(sync=True))
+    except RuntimeError as err:
+        FACTS["ret"] = ["RuntimeError", str(err)]
+    job = session.runner.active
+    FACTS["status"] = job.status
+    FACTS["steps_seen"] = [job.progress.step, job.progress.total]
+    FACTS["preview"] = None if job.preview is None else list(job.preview.shape)
+    FACTS["error"] = [session.ui.error, session.ui.hint]
+    new = [o for o in bpy.data.objects if o.name not in before["objects"]]
+    FACTS["new_objects"] = [mesh_facts(o) for o in new]
+    if new:
+        lat = sub("mesh_import").load_latent(new[0])
+        FACTS["latent_size"] = int(lat.size)
+        bpy.context.view_layer.objects.active = new[0]
+        FACTS["redecode_ret"] = sorted(bpy.ops.shap_e.redecode(grid_size=32, sync=True))
+        FACTS["redecoded"] = mesh_facts(new[0])
+    # Cancel mid-run in the real sampler (worker thread, drained here like the timer would).
+    s.steps = 64
+    snap = snapshot()
+    bpy.ops.shap_e.generate(sync=False)
+    job = session.runner.active
+    FACTS["reached_step2"] = drain_until(session, lambda: job.progress.step >= 2 or job.finished, timeout=120)
+    FACTS["cancel_step"] = job.progress.step
+    bpy.ops.shap_e.cancel()
+    job.join(120)
+    drain_until(session, lambda: job.finished, timeout=30)
+    FACTS["cancel_status"] = job.status
+    FACTS["cancel_unchanged"] = snapshot() == snap
+
+
+SCENARIOS = {"ui": sc_ui, "image_input": sc_image_input, "random_engine": sc_random_engine, "install": sc_install, "bad_inputs": sc_bad_inputs, "generate": sc_generate, "undo": sc_undo,
              "cancel": sc_cancel}
 
 
