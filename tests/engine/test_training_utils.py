@@ -1,0 +1,171 @@
+"""Training utilities, on-the-fly data, and the CLIP trainer (single process and 2-process gloo DDP via torchrun)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.training import data as D
+from engine.training import loop
+from engine.training import world as W
+from engine.training.train_clip import MINI_CLIP_CONFIG, build_clip, main, multi_positive_infonce
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_step_generator_streams():
+    a = torch.rand(4, generator=loop.step_generator(0, 0, 5))
+    assert torch.equal(a, torch.rand(4, generator=loop.step_generator(0, 0, 5)))
+    assert not torch.equal(a, torch.rand(4, generator=loop.step_generator(0, 1, 5)))
+    assert not torch.equal(a, torch.rand(4, generator=loop.step_generator(0, 0, 6)))
+
+
+def test_schedule_and_ema():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = loop.warmup_cosine(opt, warmup=4, total=14, min_ratio=0.1)
+    lrs = []
+    for _ in range(14):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half way through the cosine
+    assert sched.get_last_lr()[0] == pytest.approx(0.1)
+    m = torch.nn.Linear(2, 2)
+    ema = loop.EMA(m, decay=0.5)
+    with torch.no_grad():
+        m.weight.add_(2.0)
+    ema.update(m)
+    assert torch.allclose(ema.shadow["weight"], m.weight - 1.0)
+
+
+def test_checkpointer_roundtrip(tmp_path):
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    ck = loop.Checkpointer(str(tmp_path))
+    ck.save(7, m, opt, extra={"note": 1})
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temp file left behind
+    m2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=0.1)
+    step, extra = ck.load(m2, opt2)
+    assert step == 7 and extra == {"note": 1}
+    assert torch.equal(m.weight, m2.weight)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    from engine.records import EngineError
+
+    with pytest.raises(EngineError):
+        loop.Checkpointer(str(tmp_path / "none")).load(m2)
+
+
+def test_metric_logger(tmp_path, capsys):
+    log = loop.MetricLogger(str(tmp_path / "m.jsonl"), every=2)
+    for step in range(1, 5):
+        log.add(loss=float(step))
+        log.maybe_log(step)
+    recs = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
+    assert [r["step"] for r in recs] == [2, 4] and [r["loss"] for r in recs] == [1.5, 3.5]
+    assert "loss=1.5" in capsys.readouterr().out
+
+
+def test_multi_positive_infonce():
+    f = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    kinds = torch.tensor([0, 1, 1, 2])
+    scale = torch.tensor(50.0)
+    perfect = multi_positive_infonce(f, f, kinds, scale)
+    swapped = multi_positive_infonce(f, f[[1, 0, 2, 3]], kinds, scale)
+    assert perfect < swapped
+    # two same-kind pairs with identical features: the soft target is exactly the softmax -> entropy of 1/2
+    g = torch.nn.functional.normalize(torch.eye(3)[[0, 1, 1]], dim=-1)
+    loss = multi_positive_infonce(g, g, torch.tensor([0, 1, 1]), torch.tensor(100.0))
+    assert loss == pytest.approx(2 / 3 * torch.log(torch.tensor(2.0)).item(), abs=1e-4)
+
+
+def test_sdf_samples_and_determinism():
+    specs = D.sample_object_specs(2, torch.Generator().manual_seed(3))
+    a = D.sdf_samples(specs, torch.Generator().manual_seed(4), n_surface=64, n_near=64, n_uniform=64)
+    b = D.sdf_samples(specs, torch.Generator().manual_seed(4), n_surface=64, n_near=64, n_uniform=64)
+    assert a["points"].shape == (2, 192, 3) and a["sdf"].shape == (2, 192)
+    assert torch.equal(a["points"], b["points"]) and torch.equal(a["sdf"], b["sdf"])
+    exact = W.object_sdf(specs, a["points"].double()).float()
+    assert torch.allclose(exact, a["sdf"], atol=1e-5)
+    assert (a["points"][:, 128:].abs() <= 1).all()
+    assert torch.allclose(a["colors_linear"][:, 0], D.object_colors(specs))
+
+
+def test_point_cloud_fps_prefix():
+    specs = [W.ObjectSpec(1, 0, 4), W.ObjectSpec(0, 2, 9, yaw=0.2)]
+    pc = D.point_clouds(specs, 512, torch.Generator().manual_seed(0), fps_k=32)
+    assert pc.shape == (2, 6, 512)
+    assert torch.allclose(pc[0, 3:, 0], torch.tensor(W.COLORS[4].srgb, dtype=torch.float32))
+    xyz = pc[:, :3].permute(0, 2, 1)
+    assert W.signed_distance(specs, xyz.double()).abs().max() < 1e-4
+    # the FPS prefix is spread out: its minimum pairwise distance beats that of any random 32 points
+    def min_gap(p):
+        d = torch.cdist(p, p) + torch.eye(len(p)) * 10
+        return d.min()
+    assert min_gap(xyz[0, :32]) > 2 * min_gap(xyz[0, 100:132])
+
+
+def test_multiview_depth_and_cameras():
+    spec = [W.ObjectSpec(1, 0, 0)]  # sphere of radius 0.75
+    mv = D.multiview(spec, torch.Generator().manual_seed(0), n_views=2, size=33)
+    assert mv["rgba"].shape == (1, 2, 33, 33, 4) and mv["origin"].shape == (1, 2, 3)
+    assert torch.allclose(mv["origin"].norm(dim=-1), torch.tensor(4.0))
+    assert torch.allclose(mv["depth"][0, :, 16, 16], torch.tensor(3.25), atol=2e-3)  # centre pixel
+    hit = mv["rgba"][..., 3] > 0
+    assert torch.isfinite(mv["depth"][hit]).all() and torch.isinf(mv["depth"][~hit]).all()
+    # silhouette area of a sphere of radius 0.75 at distance 4 (tan(0.35) half-width): within 5 %
+    radius_px = torch.asin(torch.tensor(0.75 / 4)).tan() / torch.tan(torch.tensor(0.35)) * 16
+    assert hit[0, 0].sum().item() == pytest.approx(3.1416 * radius_px.item() ** 2, rel=0.05)
+
+
+def test_clip_layout_and_resume(tmp_path):
+    from open_clip.model import build_model_from_openai_state_dict
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "a")
+    main(["--out", out, "--steps", "2", "--batch", "4", "--no-eval", "--device", "cpu", "--log-every", "1"])
+    sd = load_file(os.path.join(out, "clip.safetensors"))
+    cfg = json.load(open(os.path.join(out, "clip_config.json")))
+    from engine.config import to_dict
+
+    assert cfg == json.loads(json.dumps(to_dict(MINI_CLIP_CONFIG)))
+    ref = build_model_from_openai_state_dict(dict(sd)).float()
+    ref.load_state_dict(sd, strict=True)  # same keys and shapes as the OpenAI layout
+    mine = build_clip(MINI_CLIP_CONFIG)
+    mine.load_state_dict(sd)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(ref.eval().encode_image(x), mine.eval().encode_image(x), atol=1e-6)
+    if MINI_CLIP_CONFIG.text_width // 64 == MINI_CLIP_CONFIG.text_heads:  # the OpenAI loader infers width // 64
+        from engine.training.train_clip import tokenize
+
+        tok = tokenize(["a red cube"])
+        assert torch.allclose(ref.encode_text(tok), mine.encode_text(tok), atol=1e-6)
+    # resuming after step 1 reproduces the uninterrupted run exactly
+    out_b = str(tmp_path / "b")
+    main(["--out", out_b, "--steps", "1", "--batch", "4", "--no-eval", "--device", "cpu", "--warmup", "1"])
+    main(["--out", out_b, "--steps", "2", "--batch", "4", "--no-eval", "--device", "cpu", "--warmup", "1",
+          "--resume"])
+    out_c = str(tmp_path / "c")
+    main(["--out", out_c, "--steps", "2", "--batch", "4", "--no-eval", "--device", "cpu", "--warmup", "1"])
+    sb, sc = load_file(os.path.join(out_b, "clip.safetensors")), load_file(os.path.join(out_c, "clip.safetensors"))
+    assert all(torch.equal(sb[k], sc[k]) for k in sc)
+
+
+def test_torchrun_two_process_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "engine.training.train_clip", "--out", str(tmp_path), "--steps", "3", "--batch", "4",
+           "--device", "cpu", "--no-eval", "--log-every", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [x["step"] for x in recs] == [1, 2, 3]  # rank 0 alone logs
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in recs)
+    assert (tmp_path / "clip.safetensors").exists() and (tmp_path / "checkpoint.pt").exists()
