@@ -58,7 +58,10 @@ def main(argv=None) -> int:
     bpy.ops.wm.read_factory_settings(use_empty=True)
     shap_e_blender.register()
     if args.engine_double:
+        from shap_e_blender import properties
+
         session.set_engine_functions(generate=_double(get_engine()))
+        properties._infos_cache = [("mini", "both", True, "engine double")]
     s = bpy.context.scene.shap_e
     s.prompt, s.model, s.grid_size, s.count, s.random_seed, s.seed = args.prompt, "mini", str(args.grid), 1, False, 0
 
@@ -67,7 +70,10 @@ def main(argv=None) -> int:
             bpy.data.objects.remove(o)
 
     t0 = time.perf_counter()
-    bpy.ops.shap_e.generate(sync=True)  # warm-up: loads the model once per process
+    try:
+        bpy.ops.shap_e.generate(sync=True)  # warm-up: loads the model once per process
+    except RuntimeError:
+        pass  # reported below from the panel state
     if session.ui.error:
         print(f"generate failed: {session.ui.error} -> {session.ui.hint}", file=sys.stderr)
         return 1

@@ -135,9 +135,12 @@ def sc_install(zip_path, opts):
     # Every vendored engine module imports from inside the extension (relative imports only).
     import pkgutil
 
+    import importlib.util
+
     eng = importlib.import_module(PKG + ".engine")
     errors = {}
-    for info in pkgutil.walk_packages(eng.__path__, eng.__name__ + "."):
+    FACTS["engine_deps_installed"] = all(importlib.util.find_spec(m) for m in ("torch", "open_clip", "skimage"))
+    for info in pkgutil.walk_packages(eng.__path__, eng.__name__ + ".") if FACTS["engine_deps_installed"] else []:
         if info.name.endswith(("__main__", ".cli")):
             continue
         try:

@@ -20,7 +20,8 @@ def test_install_enable_and_disable(run_scenario):
     assert f["prefs_idname"] == "bl_ext.user_default.shap_e_generator"
     assert f["models_dir_is_extension_user"] and f["models_dir"].endswith("models")
     assert f["models"][0] == "mini" and {"text300M", "image300M"} <= set(f["models"])
-    assert f["engine_import_errors"] == {}, f["engine_import_errors"]
+    if f["engine_deps_installed"]:  # (a Blender without torch still installs and registers the add-on)
+        assert f["engine_import_errors"] == {}, f["engine_import_errors"]
     assert f["engine_modules_from_repo"] == [], "the repository's engine leaked into the extension"
     gone = f["after_disable"]
     assert not gone["enabled"]
