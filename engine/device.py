@@ -8,8 +8,8 @@ machine (a 0.1 s matmul probe), so it is a real estimate rather than a constant.
 from __future__ import annotations
 
 import functools
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -84,13 +84,14 @@ def estimate_sampling_seconds(cfg: PriorConfig, *, batch: int, calls: int, guide
     return flops / (cpu_gflops() * 1e9 * 0.6)  # transformer layers reach ~60 % of a plain matmul
 
 
-def cpu_notice(cfg: PriorConfig, *, batch: int, calls: int, guided: bool, stream=None) -> float:
-    """Print the loud 'running on CPU' notice with an estimate; returns the estimate in seconds."""
+def cpu_notice(cfg: PriorConfig, *, batch: int, calls: int, guided: bool) -> float:
+    """Warn loudly (logger 'shap_e': the CLI prints it, the add-on shows it in its panel) that sampling runs on
+    the CPU, with an estimate; returns the estimate in seconds. Quiet when the estimate is a few seconds."""
     seconds = estimate_sampling_seconds(cfg, batch=batch, calls=calls, guided=guided)
     if seconds > 5:
-        stream = stream or sys.stderr
-        print(f"[shap-e] NOTICE: no CUDA GPU in use - running on the CPU in fp32. "
-              f"Estimated sampling time: {_fmt(seconds)} ({calls} network calls).", file=stream)
+        logging.getLogger("shap_e").warning(
+            "NOTICE: no CUDA GPU in use - running on the CPU in fp32. Estimated sampling time: %s (%d network "
+            "calls).", _fmt(seconds), calls)
     return seconds
 
 
