@@ -23,12 +23,13 @@ DEFAULT_EXPORT = Path(__file__).resolve().parents[1] / "weights" / "mini"
 
 # Step counts / batch sizes of the shipped weights ("gpu") and a CPU fallback. Batches are per process.
 PRESETS: dict[str, dict] = {
-    "gpu": {
-        "clip": {"steps": 2500, "batch": 256},
-        "transmitter": {"steps": 5000, "batch": 64, "bank": 4096, "eval_every": 1000},
+    "gpu": {  # one H100, measured per step: CLIP 0.7 s (b256, render-bound), transmitter 0.105 s (b64),
+        # prior 0.017 s (b256); bank 4096 objects 17 s, encoding 5904 objects 23 s -> about 17 min in all
+        "clip": {"steps": 450, "batch": 256},
+        "transmitter": {"steps": 3000, "batch": 64, "bank": 4096, "eval_every": 1000},
         "encode": {"per_kind": 24, "cond_views": 4},
-        "text_prior": {"steps": 6000, "batch": 256},
-        "image_prior": {"steps": 6000, "batch": 256},
+        "text_prior": {"steps": 8000, "batch": 256},
+        "image_prior": {"steps": 8000, "batch": 256},
     },
     "cpu": {  # about 10 h on a 2-core CPU (measured per-step costs x steps; see the report in the commit log)
         "clip": {"steps": 1500, "batch": 64},
@@ -36,6 +37,13 @@ PRESETS: dict[str, dict] = {
         "encode": {"per_kind": 4, "cond_views": 2},
         "text_prior": {"steps": 2500, "batch": 32},
         "image_prior": {"steps": 2500, "batch": 32},
+    },
+    "probe": {  # timing probe: per-step costs of every stage at the gpu preset's batch sizes
+        "clip": {"steps": 100, "batch": 256},
+        "transmitter": {"steps": 300, "batch": 64, "bank": 4096, "eval_every": 0},
+        "encode": {"per_kind": 24, "cond_views": 4},
+        "text_prior": {"steps": 300, "batch": 256},
+        "image_prior": {"steps": 300, "batch": 256},
     },
     "smoke": {  # seconds-scale plumbing check (tests); the weights are useless
         "clip": {"steps": 2, "batch": 8},

@@ -161,8 +161,9 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
                           "encode the dataset with the matching transmitter")
     ds = LatentSet(blob, tcfg.cond, dev)
     init = torch.Generator().manual_seed(tcfg.seed)  # identical initial weights on every rank
-    model = LatentPrior(pcfg, device=dev)
+    model = LatentPrior(pcfg)  # initialised on the CPU (CPU generator), then moved
     model.init_weights(init)
+    model.to(dev)
     opt = loop.build_optimizer(model, tcfg.lr, tcfg.weight_decay)
     sched = loop.warmup_cosine(opt, tcfg.warmup, tcfg.steps)
     ema = loop.EMA(model, tcfg.ema_decay)

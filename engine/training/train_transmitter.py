@@ -9,7 +9,7 @@ has exact analytic SDFs, so it trains the STF heads directly (the paper's "SDF r
   in [-1, 1]³, with exact distances d (POSITIVE INSIDE) computed on the device;
 * SDF loss: L1 between the decoder's tanh output and tanh(k·d) (k = ``sdf_scale``) — linear in d across the
   marching-cubes band, so the zero set and its interpolation are both supervised, saturated (sign only) far away;
-* colour loss: L1 between the STF colour slot (sigmoid, sRGB, before the official sRGB -> linear conversion) and
+* colour loss: MSE between the STF colour slot (sigmoid, sRGB, before the official sRGB -> linear conversion) and
   the object's sRGB colour at points within ``color_band`` of the surface (mesh vertices are queried there, shrunk
   by (G-1)/(G+1), i.e. slightly inside).
 Validation (eval mode, no bottleneck noise) on fixed train-split objects and on HELD-OUT (shape, colour) pairs that
@@ -50,9 +50,9 @@ class TransmitterTrainConfig:
     n_uniform: int = 1024
     near_sigmas: tuple[float, ...] = (0.005, 0.02, 0.06)
     sdf_scale: float = 10.0
-    color_weight: float = 1.0
+    color_weight: float = 4.0
     color_band: float = 0.05
-    lr: float = 5e-4
+    lr: float = 7e-4
     weight_decay: float = 0.01
     warmup: int = 200
     ema_decay: float = 0.998
@@ -100,11 +100,15 @@ def field_losses(model: Transmitter, bank: ObjectBank, idx: torch.Tensor, tcfg: 
     target = torch.tanh(sdf * tcfg.sdf_scale)
     sdf_loss = (out["sdf"] - target).abs().mean()
     band = (sdf.abs() < tcfg.color_band).float()  # (B, N)
-    col_err = (out["stf_rgb"] - bank.srgb[idx][:, None]).abs().mean(-1)  # (B, N)
-    color_loss = (col_err * band).sum() / band.sum().clamp(min=1)
+    diff = out["stf_rgb"] - bank.srgb[idx][:, None]  # (B, N, 3)
+    nb = band.sum().clamp(min=1)
+    # MSE, not L1: L1 drives the sigmoid to the per-channel median (0 or 1 for a palette), where it saturates and
+    # the latent's gradient vanishes (measured: an L1-trained colour head never leaves the median).
+    color_loss = (diff.square().mean(-1) * band).sum() / nb
+    color_l1 = (diff.detach().abs().mean(-1) * band).sum() / nb
     sign_acc = ((out["sdf"] > 0) == (sdf > 0)).float()[:, tcfg.n_surface:].mean()
-    return {"loss": sdf_loss + tcfg.color_weight * color_loss, "sdf_l1": sdf_loss, "color_l1": color_loss,
-            "sign_acc": sign_acc}
+    return {"loss": sdf_loss + tcfg.color_weight * color_loss, "sdf_l1": sdf_loss, "color_mse": color_loss,
+            "color_l1": color_l1, "sign_acc": sign_acc}
 
 
 def grid_points(res: int, device) -> torch.Tensor:
