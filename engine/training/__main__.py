@@ -31,7 +31,7 @@ PRESETS: dict[str, dict] = {
         "text_prior": {"steps": 8000, "batch": 256},
         "image_prior": {"steps": 8000, "batch": 256},
     },
-    "cpu": {  # about 10 h on a 2-core CPU (measured per-step costs x steps; see the report in the commit log)
+    "cpu": {  # estimated 6-10 h on a 2-core CPU (not run end to end; render-bound CLIP stage is the least certain)
         "clip": {"steps": 1500, "batch": 64},
         "transmitter": {"steps": 2000, "batch": 8, "bank": 384, "eval_every": 500, "eval_objects": 16},
         "encode": {"per_kind": 4, "cond_views": 2},
