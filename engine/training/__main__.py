@@ -31,6 +31,14 @@ PRESETS: dict[str, dict] = {
         "text_prior": {"steps": 8000, "batch": 256},
         "image_prior": {"steps": 8000, "batch": 256},
     },
+    "gpu-short": {  # what one H100 call of ~4.5 min can do: CLIP from a render bank, short EMA horizons
+        "clip": {"steps": 1000, "batch": 256, "bank": 4096},
+        "transmitter": {"steps": 750, "batch": 64, "bank": 3072, "eval_every": 0, "ema_decay": 0.99,
+                        "warmup": 80, "lr": 1e-3},
+        "encode": {"per_kind": 12, "cond_views": 3},
+        "text_prior": {"steps": 1500, "batch": 256, "ema_decay": 0.995, "warmup": 100},
+        "image_prior": {"steps": 1500, "batch": 256, "ema_decay": 0.995, "warmup": 100},
+    },
     "cpu": {  # estimated 6-10 h on a 2-core CPU (not run end to end; render-bound CLIP stage is the least certain)
         "clip": {"steps": 1500, "batch": 64},
         "transmitter": {"steps": 2000, "batch": 8, "bank": 384, "eval_every": 500, "eval_objects": 16},
@@ -46,7 +54,7 @@ PRESETS: dict[str, dict] = {
         "image_prior": {"steps": 300, "batch": 256},
     },
     "smoke": {  # seconds-scale plumbing check (tests); the weights are useless
-        "clip": {"steps": 2, "batch": 8},
+        "clip": {"steps": 2, "batch": 8, "bank": 16},
         "transmitter": {"steps": 2, "batch": 2, "bank": 4, "eval_every": 0, "eval_objects": 2,
                         "bank_surface": 256, "n_surface": 64, "n_near": 64, "n_uniform": 64},
         "encode": {"per_kind": 1, "cond_views": 1, "kind_stride": 41, "supersample": 1},
@@ -101,7 +109,7 @@ def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to:
     c = p["clip"]
     _stage("clip", root / "clip" / "done", lambda: _mark(root / "clip", train_clip.main(
         ["--out", str(root / "clip"), "--steps", str(c["steps"]), "--batch", str(c["batch"]), "--device", device,
-         "--seed", str(seed)] + (["--resume"] if (root / "clip" / "checkpoint.pt").exists() else []))), record)
+         "--seed", str(seed), "--bank", str(c.get("bank", 0))] + (["--resume"] if (root / "clip" / "checkpoint.pt").exists() else []))), record)
     save_record()
     tcfg = TransmitterTrainConfig(seed=seed, **p["transmitter"])
     _stage("transmitter", root / "transmitter" / "done", lambda: _mark(root / "transmitter", train_transmitter(
