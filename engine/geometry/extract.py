@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Callable, Literal
 
 import numpy as np
@@ -37,12 +38,18 @@ from ..records import EngineError, MeshRecord
 FieldFn = Callable[[torch.Tensor], torch.Tensor]  # points (M, 3) -> values (M,) or colours (M, 3)
 DEFAULT_CHUNK = 32768  # MLP queries per call: ~32 MB of activations per layer at width 256 (fp32)
 MC_METHOD = "lorensen"
+COARSE_SIZE = 32  # coarsest lattice ~33³ points (spacing ~1/16 of the box), whatever the grid size
 DEFAULT_GREY = (0.8, 0.8, 0.8)  # colour of meshes from fields that have none
+
+
+def grid_points_axis(grid_size: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(G,) coordinates index/(G−1)·2−1 along each axis (the same values the dense grid uses)."""
+    return torch.linspace(-1.0, 1.0, grid_size, device=device, dtype=dtype)
 
 
 def grid_points(grid_size: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """Official ``volume_query_points``: (G³, 3) points, index = x·G² + y·G + z, coordinate index/(G−1)·2−1."""
-    axis = torch.linspace(-1.0, 1.0, grid_size, device=device, dtype=dtype)
+    axis = grid_points_axis(grid_size, device=device, dtype=dtype)
     return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
@@ -63,107 +70,225 @@ def _dilate(mask: torch.Tensor, radius: int = 1) -> torch.Tensor:
     return F.max_pool3d(mask.float()[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
 
 
-def _cells_to_points(cells: torch.Tensor) -> torch.Tensor:
-    """Flagged cells (c, c, c) of a grid -> (2c+1)³ points of the twice-finer grid that lie in those cells."""
-    fine = cells.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2).float()  # (2c)³ fine cells
-    return F.max_pool3d(fine[None, None], 2, stride=1, padding=1)[0, 0] > 0  # a point touches any of its 8 cells
+_CORNERS = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])  # (8, 3) cell corner offsets
+_CHILDREN = torch.tensor([[i, j, k] for i in (0, 1, 2) for j in (0, 1, 2) for k in (0, 1, 2)])  # (27, 3)
 
 
-def auto_coarse_step(grid_size: int, coarse_size: int = 32) -> int:
+def _ravel(ijk: torch.Tensor, n: int) -> torch.Tensor:
+    return (ijk[..., 0] * n + ijk[..., 1]) * n + ijk[..., 2]
+
+
+def _unravel(flat: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.stack([flat // (n * n), (flat // n) % n, flat % n], dim=-1)
+
+
+def auto_coarse_step(grid_size: int, coarse_size: int = COARSE_SIZE) -> int:
+    """The power-of-two step that gives about ``coarse_size`` coarse points per axis."""
     return 2 ** max(0, round(math.log2(max(grid_size, 1) / coarse_size)))
 
 
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    """Run the grid bookkeeping (pooling, gathers, scatters on up to (G+2)³ tensors) with one intra-op thread.
+
+    On a busy 2-core machine every multi-threaded op waits at its fork/join barrier for the other thread's
+    scheduler slice: measured 10x slower than one thread (G = 256 bookkeeping 4.5 s vs 0.45 s). The field
+    queries are unaffected: ``PackedField`` runs its own single-threaded workers. The caller's setting (and the
+    process default that threads started later inherit) is restored on exit.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Level:
+    """One lattice of the hierarchy: (n, n, n) values and an ``exact`` mask (True where the field was queried).
+
+    Lattice index i sits at fine-grid index i·step − shift (shift 1 on the final, padded level); ``axis`` gives the
+    fine-grid coordinates (the dense path's linspace, extended past the box for the coarse lattices' overhang).
+    """
+
+    def __init__(self, values: torch.Tensor, exact: torch.Tensor, step: int, shift: int, axis: torch.Tensor):
+        self.values, self.exact, self.step, self.shift, self.axis = values, exact, step, shift, axis
+        self.n = values.shape[0]
+
+    def query(self, fn: FieldFn, flat: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Query the field at lattice points ``flat`` (M,) (flat indices), mark them exact, and return those whose
+        sign differs from their placeholder's (the only new points that can start a surface outside the band)."""
+        if len(flat) == 0:
+            return flat
+        pts = self.axis[_unravel(flat, self.n) * self.step - self.shift]  # (M, 3)
+        values = self.values.view(-1)
+        was_inside = values[flat] > 0
+        new = _evaluate(fn, pts, chunk)
+        values[flat] = new
+        self.exact.view(-1)[flat] = True
+        return flat[(new > 0) != was_inside]
+
+    def close(self, fn: FieldFn, flipped: torch.Tensor, chunk: int, stats: dict) -> int:
+        """Query the missing corners of every cell that has a sign change, until there is none (a fixed point).
+
+        A cell with a non-exact corner lies in one coarser cell that was not refined, whose placeholders all share
+        one sign; so it can only have a sign change at a queried point whose sign differs from its placeholder's
+        (``flipped``). Each round looks at the 8 cells around each such point. At the fixed point every
+        sign-change cell has 8 exact corners: a surface component that reaches a queried cell is followed in full
+        at this resolution, however far it strays from the coarser band.
+        """
+        n, queries = self.n, 0
+        corner_flat = _ravel(_CORNERS, n).to(flipped.device)  # (8,)
+        corners3 = _CORNERS.to(flipped.device)
+        values, exact = self.values.view(-1), self.exact.view(-1)
+        while len(flipped):
+            cells = _unravel(flipped, n)[:, None, :] - corners3  # (M, 8, 3): cells having the point as a corner
+            cells = cells[((cells >= 0) & (cells <= n - 2)).all(-1)]
+            corners = torch.unique(_ravel(cells, n))[:, None] + corner_flat  # (C, 8)
+            inside = values[corners] > 0
+            known = exact[corners]
+            need = (inside.any(1) != inside.all(1)) & ~known.all(1)
+            todo = torch.unique(corners[need][~known[need]])
+            queries += len(todo)
+            stats["closure_rounds"] = stats.get("closure_rounds", 0) + (len(todo) > 0)
+            flipped = self.query(fn, todo, chunk)
+        return queries
+
+
 def sdf_grid(sdf_fn: FieldFn, grid_size: int, *, method: Literal["narrowband", "dense"] = "narrowband",
-             device=None, chunk: int = DEFAULT_CHUNK, coarse_step: int | None = None,
-             stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             device=None, chunk: int = DEFAULT_CHUNK, coarse_step: int | None = None, coarse_dilate: int = 0,
+             stats: dict | None = None, padded: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fill the (G, G, G) grid [x, y, z] of ``sdf_fn`` values.
 
-    Returns (grid float32, evaluated) where ``evaluated`` (G, G, G) bool marks the points queried at full
-    resolution (None for dense). ``stats`` (optional dict) receives the number of field queries.
+    Returns (grid float32, exact) where ``exact`` (G, G, G) bool marks the points where the field was queried
+    (None for dense); elsewhere the grid holds a placeholder with the right sign (the coarse value nearby).
+    ``padded=True`` returns the (G+2)³ grid with the official −1 border instead (exact there). ``stats``
+    (optional dict) receives ``queries`` and per-stage counts. ``coarse_dilate`` cells are added around the
+    coarsest level's sign changes (only there), so surfaces that pass just beside a coarse sample are caught too.
     """
     if grid_size < 2:
         raise EngineError(f"grid size {grid_size} is too small", "use a grid size of at least 8 (64 is typical)")
-    step = 1 if method == "dense" else (coarse_step or auto_coarse_step(grid_size))
     if method not in ("narrowband", "dense"):
         raise EngineError(f"unknown extraction method {method!r}", "use 'narrowband' or 'dense'")
+    step = 1 if method == "dense" else (coarse_step or auto_coarse_step(grid_size))
     if step & (step - 1):
         raise ValueError("coarse_step must be a power of two")
-    scale = 2.0 / (grid_size - 1)
-    queries = 0
+    stats = stats if stats is not None else {}
+    axis = grid_points_axis(grid_size, device=device)
     if step == 1:
         values = _evaluate(sdf_fn, grid_points(grid_size, device=device), chunk).reshape((grid_size,) * 3)
-        if stats is not None:
-            stats["queries"] = grid_size ** 3
-        return values, None
+        stats["queries"] = grid_size ** 3
+        return (F.pad(values, (1,) * 6, value=-1.0) if padded else values), None
 
     n = math.ceil((grid_size - 1) / step) + 1  # coarse points per axis; may reach past index G−1
-    axis = torch.arange(n, device=device, dtype=torch.float32) * (step * scale) - 1.0
-    coarse = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-    values = _evaluate(sdf_fn, coarse, chunk).reshape(n, n, n)
-    queries += n ** 3
-    evaluated = None
-    while step > 1:
-        cells = _dilate(_sign_change_cells(values))  # (n−1)³
-        step //= 2
-        n2 = 2 * n - 1
-        todo = _cells_to_points(cells)  # (n2)³
-        evaluated = todo.clone()
-        todo[::2, ::2, ::2] = False  # the coarse points are known already
-        values = F.interpolate(values[None, None], size=(n2,) * 3, mode="trilinear", align_corners=True)[0, 0]
-        idx = todo.nonzero()  # (M, 3) row-major, the order boolean indexing uses
-        values[todo] = _evaluate(sdf_fn, idx.float() * (step * scale) - 1.0, chunk)
-        queries += len(idx)
-        n = n2
-        del todo, cells, idx
-    values = values[:grid_size, :grid_size, :grid_size].contiguous()
-    evaluated = evaluated[:grid_size, :grid_size, :grid_size].contiguous()
+    fine_n = (n - 1) * step + 1
+    scale = 2.0 / (grid_size - 1)
+    extra = torch.arange(grid_size, fine_n, device=device, dtype=torch.float32) * scale - 1.0
+    axis = torch.cat([axis, extra])  # (fine_n,): fine index -> coordinate (the same along x, y and z)
+    level = _Level(torch.empty((n,) * 3, device=device), torch.zeros((n,) * 3, dtype=torch.bool, device=device),
+                   step, 0, axis)
+    level.query(sdf_fn, torch.arange(n ** 3, device=device), chunk)
+    queries = stats["coarse"] = n ** 3
+    first = True
+    while level.step > 1:
+        cells = _sign_change_cells(level.values)  # (n−1)³; every one has exact corners (closure invariant)
+        if first and coarse_dilate:
+            cells = _dilate(cells, coarse_dilate)
+        first = False
+        level, todo = _refine(level, cells, grid_size)
+        flipped = level.query(sdf_fn, todo, chunk)
+        new = len(todo)
+        if level.shift:  # the final, padded level: inside points on the box faces meet the −1 border
+            face = _box_face_candidates(level, grid_size)
+            flipped = torch.cat([flipped, level.query(sdf_fn, face, chunk)])
+            new += len(face)
+        closed = level.close(sdf_fn, flipped, chunk, stats)
+        stats.setdefault("levels", []).append({"step": level.step, "refine": new, "closure": closed})
+        queries += new + closed
+    stats["queries"] = queries
+    values, exact = level.values, level.exact
+    if not padded:
+        values = values[1:-1, 1:-1, 1:-1].contiguous()
+        exact = exact[1:-1, 1:-1, 1:-1].contiguous()
+    return values, exact
 
-    # The −1 padding makes a surface next to every inside point on the box faces: give those exact values.
-    face = torch.zeros_like(evaluated)
-    for axis_i in range(3):
-        face.select(axis_i, 0).fill_(True)
-        face.select(axis_i, grid_size - 1).fill_(True)
-    todo = face & ~evaluated & (values > 0)
-    idx = todo.nonzero()
-    if len(idx):
-        values[todo] = _evaluate(sdf_fn, idx.float() * scale - 1.0, chunk)
-        evaluated |= todo
-        queries += len(idx)
-    if stats is not None:
-        stats["queries"] = queries
-    return values, evaluated
+
+def _refine(level: _Level, cells: torch.Tensor, grid_size: int) -> tuple[_Level, torch.Tensor]:
+    """Halve the step: placeholders from the nearest coarser point, exact copies of the coarse lattice points, and
+    the flat indices (M,) of the new points lying in flagged ``cells`` that still need a query."""
+    n, step = level.n, level.step // 2
+    up = F.interpolate(level.values[None, None], scale_factor=2, mode="nearest")[0, 0]  # (2n)³, [i] = coarse[i//2]
+    if step > 1:
+        m, shift = 2 * n - 1, 0
+        values = up[:m, :m, :m].contiguous()
+        exact = torch.zeros((m,) * 3, dtype=torch.bool, device=values.device)
+        exact[::2, ::2, ::2] = level.exact
+    else:  # the final level: the G³ grid inside the official −1 border, (G+2)³
+        m, shift = grid_size + 2, 1
+        values = torch.full((m,) * 3, -1.0, device=up.device)
+        values[1:-1, 1:-1, 1:-1] = up[:grid_size, :grid_size, :grid_size]
+        exact = torch.ones((m,) * 3, dtype=torch.bool, device=up.device)
+        exact[1:-1, 1:-1, 1:-1] = False
+        c = (grid_size + 1) // 2  # coarse points inside the box
+        exact[1:-1:2, 1:-1:2, 1:-1:2] = level.exact[:c, :c, :c]
+    del up
+    # Every point of a flagged cell: the 27 points (2i + a, 2j + b, 2k + c), a, b, c in 0..2, of the finer lattice.
+    pts = (cells.nonzero()[:, None, :] * 2 + _CHILDREN.to(cells.device)).reshape(-1, 3) + shift  # (27·C, 3)
+    pts = pts[(pts < m - shift).all(-1)] if shift else pts
+    todo = torch.zeros((m,) * 3, dtype=torch.bool, device=values.device)
+    todo.view(-1)[_ravel(pts, m)] = True
+    todo &= ~exact
+    return _Level(values, exact, step, shift, level.axis), todo.view(-1).nonzero()[:, 0]
+
+
+def _box_face_candidates(level: _Level, grid_size: int) -> torch.Tensor:
+    """Flat indices of not-yet-queried grid points on the box faces whose placeholder is inside (> 0): next to the
+    −1 border each of them is a surface corner, so it needs its exact value."""
+    m = level.n
+    face = torch.zeros((m,) * 3, dtype=torch.bool, device=level.values.device)
+    for a in range(3):
+        face.select(a, 1).fill_(True)
+        face.select(a, grid_size).fill_(True)
+    face &= ~level.exact & (level.values > 0)
+    return face.view(-1).nonzero()[:, 0]
 
 
 def marching_cubes(grid: torch.Tensor | np.ndarray, *, official_scale: bool = False,
-                   mask: torch.Tensor | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   mask: torch.Tensor | np.ndarray | None = None,
+                   padded: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(G, G, G) SDF grid (positive inside) -> vertices (V, 3) float32 in [-1, 1]³, faces (F, 3) int32 CCW
-    from outside. Pads with −1 like the official code; empty arrays when there is no surface.
-    ``mask`` (G, G, G) bool limits the work to cells near True points (skimage's ``mask``)."""
+    from outside. Pads with −1 like the official code (``padded=True``: the grid already is the (G+2)³ padded
+    one); empty arrays when there is no surface. ``mask`` (same shape as ``grid``) bool: only cells whose lowest
+    corner is True are visited (skimage's ``mask``); pass ``exact`` from ``sdf_grid``: every sign-change cell of a
+    narrowband grid has all 8 corners exact, so the mask never drops a triangle."""
     from skimage.measure import marching_cubes as sk_marching_cubes
 
     g = grid.detach().float().cpu().numpy() if isinstance(grid, torch.Tensor) else np.asarray(grid, np.float32)
-    size = g.shape[0]
-    if g.ndim != 3 or g.shape != (size,) * 3:
+    if g.ndim != 3 or g.shape != (g.shape[0],) * 3:
         raise ValueError(f"expected a cubic grid, got {g.shape}")
     if not np.isfinite(g).all():
         raise EngineError("the SDF grid contains NaN or infinite values", "decode again in fp32 precision")
     if not (g > 0).any():
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
-    padded = np.pad(g, 1, mode="constant", constant_values=-1.0)
     sk_mask = None
     if mask is not None:
-        m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-        sk_mask = np.pad(m, 1, mode="constant", constant_values=True)
-        sk_mask[1:-1, 1:-1, 1:-1] = _dilate(torch.from_numpy(sk_mask), 1).numpy()[1:-1, 1:-1, 1:-1]
-        sk_mask[:2] = sk_mask[-2:] = True
-        sk_mask[:, :2] = sk_mask[:, -2:] = True
-        sk_mask[:, :, :2] = sk_mask[:, :, -2:] = True
-    verts, faces, _normals, _values = sk_marching_cubes(padded, level=0.0, mask=sk_mask, method=MC_METHOD)
+        sk_mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask, bool)
+    if not padded:
+        g = np.pad(g, 1, mode="constant", constant_values=-1.0)
+        sk_mask = None if sk_mask is None else np.pad(sk_mask, 1, mode="constant", constant_values=True)
+    size = g.shape[0] - 2
+    verts, faces, _normals, _values = sk_marching_cubes(g, level=0.0, mask=sk_mask, method=MC_METHOD)
     if official_scale:
         verts = verts / (size + 1) * 2.0 - 1.0  # the official mapping through the padded size
     else:
         # Caps made by the padding sit a fraction of a voxel past the outer grid points: put them on the box.
-        verts = np.clip((verts - 1.0) / (size - 1) * 2.0 - 1.0, -1.0, 1.0)
+        index = verts - 1.0  # (V, 3) grid-index units; two of the three are whole numbers (a vertex is on an edge)
+        whole = np.rint(index)
+        verts = np.clip(index / (size - 1) * 2.0 - 1.0, -1.0, 1.0)
+        # Whole indices take the grid's own coordinates (the dense linspace, to the bit), so the colour queries
+        # there can use the field's per-axis lattice tables.
+        on = (whole == index) & (whole >= 0) & (whole <= size - 1)
+        verts[on] = grid_points_axis(size).numpy()[whole[on].astype(np.int64)]
     faces = faces[:, [0, 2, 1]]  # skimage winds clockwise seen from outside for "inside = higher"
     return verts.astype(np.float32), faces.astype(np.int32)
 
@@ -171,27 +296,40 @@ def marching_cubes(grid: torch.Tensor | np.ndarray, *, official_scale: bool = Fa
 def extract_mesh_from_field(sdf_fn: FieldFn, grid_size: int = 64, *, color_fn: FieldFn | None = None,
                             method: Literal["narrowband", "dense"] = "narrowband", official_scale: bool = False,
                             device=None, chunk: int = DEFAULT_CHUNK, coarse_step: int | None = None,
-                            stats: dict | None = None) -> MeshRecord:
+                            coarse_dilate: int = 0, stats: dict | None = None) -> MeshRecord:
     """Any SDF (points (M, 3) -> (M,), positive inside) -> MeshRecord. ``color_fn`` gives linear RGB (M, 3) at
-    the final vertex positions (default: grey). No surface -> ``MeshRecord(empty=True)`` with zero vertices."""
-    grid, evaluated = sdf_grid(sdf_fn, grid_size, method=method, device=device, chunk=chunk,
-                               coarse_step=coarse_step, stats=stats)
-    verts, faces = marching_cubes(grid, official_scale=official_scale, mask=evaluated)
-    if len(faces) == 0:
-        return MeshRecord(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 3)), grid_size=grid_size, empty=True)
-    if color_fn is None:
-        colors = np.broadcast_to(np.asarray(DEFAULT_GREY, np.float32), verts.shape)
-    else:
-        pts = torch.from_numpy(verts).to(device=device if device is not None else "cpu")
-        colors = torch.cat([color_fn(pts[i:i + chunk]).float() for i in range(0, len(pts), chunk)])
-        colors = colors.clamp(0.0, 1.0).cpu().numpy()
+    the final vertex positions (default: grey). No surface -> ``MeshRecord(empty=True)`` with zero vertices.
+    ``stats`` (optional dict) receives query counts and the seconds spent in each stage."""
+    stats = stats if stats is not None else {}
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    with _one_intra_op_thread() if on_cpu else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        grid, exact = sdf_grid(sdf_fn, grid_size, method=method, device=device, chunk=chunk,
+                               coarse_step=coarse_step, coarse_dilate=coarse_dilate, stats=stats, padded=True)
+        t1 = time.perf_counter()
+        verts, faces = marching_cubes(grid, official_scale=official_scale, mask=exact, padded=True)
+        del grid, exact
+        t2 = time.perf_counter()
+        stats.update(sdf_seconds=t1 - t0, mc_seconds=t2 - t1, color_queries=0, color_seconds=0.0)
+        if len(faces) == 0:
+            return MeshRecord(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 3)), grid_size=grid_size,
+                              empty=True)
+        if color_fn is None:
+            colors = np.broadcast_to(np.asarray(DEFAULT_GREY, np.float32), verts.shape)
+        else:
+            pts = torch.from_numpy(verts).to(device=device if device is not None else "cpu")
+            colors = _evaluate(color_fn, pts, chunk).reshape(-1, 3).clamp(0.0, 1.0).cpu().numpy()
+            stats.update(color_queries=len(pts), color_seconds=time.perf_counter() - t2)
     return MeshRecord(verts, faces, colors, grid_size=grid_size)
 
 
-def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None) -> tuple[FieldFn, FieldFn]:
+def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None,
+                      grid_size: int | None = None) -> tuple[FieldFn, FieldFn]:
     """(sdf_fn, linear colour_fn) of one latent (d_latent,). The projection runs where the decoder lives; the
-    small per-latent weights then move to ``device``."""
-    from ..models.implicit_decoder import query_field, srgb_to_linear
+    small per-latent weights then move to ``device``. On the CPU the fields use ``PackedField`` (one GEMM per
+    layer, fused swish, and per-axis layer-0 tables for the points of the ``grid_size`` grid); on CUDA
+    ``query_field`` under fp16 autocast."""
+    from ..models.implicit_decoder import PackedField, query_field, srgb_to_linear
 
     home = next(decoder.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -199,18 +337,17 @@ def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None) -> tuple[Fi
     static = decoder.static_weights()
     static = type(static)(tuple(b.to(device) for b in static.biases), static.w4.to(device), static.w5.to(device),
                           static.w6.to(device))
-
-    def autocast():
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+    if device.type == "cpu":
+        lattice = grid_points_axis(grid_size, device=device) if grid_size else None
+        packed = PackedField(params, static, lattice=lattice)
+        return packed.sdf, lambda points: srgb_to_linear(packed.stf_rgb(points))
 
     def sdf_fn(points: torch.Tensor) -> torch.Tensor:
-        with autocast():
+        with torch.autocast(device.type, dtype=torch.float16):
             return query_field(params, points[None], weights=static, outputs=("sdf",))["sdf"][0]
 
     def color_fn(points: torch.Tensor) -> torch.Tensor:
-        with autocast():
+        with torch.autocast(device.type, dtype=torch.float16):
             rgb = query_field(params, points[None], weights=static, outputs=("stf_rgb",))["stf_rgb"][0]
         return srgb_to_linear(rgb.float())
 
@@ -221,7 +358,7 @@ def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None) -> tuple[Fi
 def extract_mesh(decoder, latent: torch.Tensor, *, grid_size: int = 64,
                  method: Literal["narrowband", "dense"] = "narrowband", official_scale: bool = False,
                  device=None, chunk: int = DEFAULT_CHUNK, coarse_step: int | None = None,
-                 stats: dict | None = None) -> MeshRecord:
+                 coarse_dilate: int = 0, stats: dict | None = None) -> MeshRecord:
     """latent (d_latent,) -> coloured MeshRecord (linear vertex colours; Z up, front −Y). fp16 autocast on CUDA."""
     latent = torch.as_tensor(latent)
     if latent.numel() != decoder.d_latent:
@@ -229,10 +366,10 @@ def extract_mesh(decoder, latent: torch.Tensor, *, grid_size: int = 64,
                           "decode it with the model that made it")
     if not torch.isfinite(latent).all():
         raise EngineError("the latent contains NaN or infinite values", "regenerate it (try fp32 precision)")
-    sdf_fn, color_fn = decoder_field_fns(decoder, latent.float(), device=device)
+    sdf_fn, color_fn = decoder_field_fns(decoder, latent.float(), device=device, grid_size=grid_size)
     dev = device if device is not None else next(decoder.parameters()).device
     mesh = extract_mesh_from_field(sdf_fn, grid_size, color_fn=color_fn, method=method,
                                    official_scale=official_scale, device=dev, chunk=chunk, coarse_step=coarse_step,
-                                   stats=stats)
+                                   coarse_dilate=coarse_dilate, stats=stats)
     mesh.latent = latent.detach().float().reshape(-1).cpu().numpy()
     return mesh
