@@ -1,16 +1,12 @@
-"""Shared test fixtures: paths to the reference data copied from the official implementation."""
+"""Shared test fixtures (the loaders themselves live in tests/refdata.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-REF = Path(__file__).parent / "reference"
-FIXTURES = REF / "fixtures"
-MANIFESTS = REF / "manifests"
+from tests.refdata import FIXTURES, MANIFESTS
 
 
 @pytest.fixture(scope="session")
@@ -21,23 +17,3 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def manifests_dir() -> Path:
     return MANIFESTS
-
-
-def load_npz(name: str) -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / f"{name}.npz") as f:
-        return {k: f[k] for k in f.files}
-
-
-def load_weights(name: str) -> dict:
-    """Fixture weights are stored in fp16 (exactly representable); cast to fp32 like the fixtures README says."""
-    from safetensors.torch import load_file
-
-    return {k: v.float() for k, v in load_file(str(FIXTURES / name)).items()}
-
-
-def load_config(name: str) -> dict:
-    return json.loads((FIXTURES / f"{name}.config.json").read_text())
-
-
-def load_manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())

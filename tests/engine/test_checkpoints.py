@@ -17,7 +17,7 @@ from engine.checkpoints import (
 )
 from engine.config import DecoderConfig, NeRSTFConfig, ParamsProjConfig, PriorConfig
 from engine.records import EngineError
-from tests.conftest import FIXTURES, load_manifest
+from tests.refdata import FIXTURES, load_manifest
 
 
 @pytest.fixture(autouse=True)

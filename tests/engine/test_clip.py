@@ -8,7 +8,7 @@ import torch
 
 from engine.config import ClipConfig
 from engine.records import EngineError
-from tests.conftest import FIXTURES, load_config, load_npz
+from tests.refdata import FIXTURES, load_config, load_npz
 
 pytest.importorskip("open_clip")
 
@@ -101,7 +101,7 @@ def test_grid_is_before_ln_post(clip, images):
 
 
 def test_openai_state_dict_with_int_entries_loads():
-    from tests.conftest import load_weights
+    from tests.refdata import load_weights
 
     sd = load_weights("clip_tiny.safetensors")
     sd_openai = {**sd, "input_resolution": 224, "context_length": 77, "vocab_size": 49408}
@@ -151,7 +151,7 @@ def test_missing_real_weights_message(tmp_path, monkeypatch):
 
 def test_vit_l14_architecture_matches_manifest():
     """The named arch builds offline (meta device) with exactly the CLIP ViT-L/14 manifest's keys and shapes."""
-    from tests.conftest import load_manifest
+    from tests.refdata import load_manifest
 
     manifest = load_manifest("clip_vit_l14")["state_dict"]
     model = build_open_clip(ClipConfig(), device="meta")

@@ -17,7 +17,7 @@ from engine.diffusion.schedules import (
 )
 from engine.models.latent_transformer import LatentPrior
 from engine.records import EngineError, GenerationCancelled, StepEvent
-from tests.conftest import load_config, load_npz, load_weights
+from tests.refdata import load_config, load_npz, load_weights
 
 SCHED = load_npz("schedule")
 

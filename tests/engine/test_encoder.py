@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_config, load_manifest, load_npz, load_weights
+from tests.refdata import load_config, load_manifest, load_npz, load_weights
 from engine.config import OFFICIAL_CONFIG_DIR, EncoderConfig, transmitter_from_official
 from engine.models.encoder import BOTTLENECK_STEPS, PointCloudEncoder, inv_parabola_schedule
 from engine.models.encoder_inputs import official_batch_from_arrays

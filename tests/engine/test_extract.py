@@ -11,7 +11,7 @@ from engine.config import transmitter_from_official
 from engine.geometry.extract import extract_mesh, extract_mesh_from_field, grid_points, marching_cubes, sdf_grid
 from engine.models.implicit_decoder import ImplicitDecoder, transmitter_to_decoder_keys
 from engine.records import EngineError, MeshRecord
-from tests.conftest import load_config, load_npz, load_weights
+from tests.refdata import load_config, load_npz, load_weights
 
 NPZ = load_npz("decoder")
 

@@ -13,7 +13,7 @@ from engine.models.encoder_blocks import posenc_nerf
 from engine.models.implicit_decoder import (OUTPUT_SLOTS, ImplicitDecoder, decoder_to_transmitter_keys,
                                             query_field, srgb_to_linear, transmitter_to_decoder_keys)
 from engine.records import EngineError
-from tests.conftest import load_config, load_manifest, load_npz, load_weights
+from tests.refdata import load_config, load_manifest, load_npz, load_weights
 
 NPZ = load_npz("decoder")
 

@@ -10,7 +10,7 @@ import pytest
 
 from engine.geometry.mesh_io import read_mesh, write_glb, write_mesh, write_obj, write_ply
 from engine.records import EngineError, MeshRecord
-from tests.conftest import FIXTURES, load_npz
+from tests.refdata import FIXTURES, load_npz
 
 NPZ = load_npz("decoder")
 

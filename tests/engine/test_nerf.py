@@ -11,7 +11,7 @@ import torch
 from engine.records import EngineError
 from engine.render.cameras import Camera, pan_cameras
 from engine.render.nerf import intersect_box, render_nerf, render_rays
-from tests.conftest import load_npz, load_weights
+from tests.refdata import load_npz, load_weights
 
 NPZ = load_npz("nerf_render")
 
@@ -132,7 +132,7 @@ def test_end_to_end_through_the_implicit_decoder():
     """Latent -> ImplicitDecoder (transmitter-layout weights) -> render_nerf reproduces the official image."""
     from engine.config import transmitter_from_official
     from engine.models.implicit_decoder import ImplicitDecoder, transmitter_to_decoder_keys
-    from tests.conftest import load_config
+    from tests.refdata import load_config
 
     _, cfg = transmitter_from_official(load_config("nerf_render")["config"])
     decoder = ImplicitDecoder(cfg).eval()

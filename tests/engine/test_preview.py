@@ -61,7 +61,7 @@ def test_empty_mesh_and_bad_arguments():
 def fixture_decoder():
     from engine.config import transmitter_from_official
     from engine.models.implicit_decoder import ImplicitDecoder, transmitter_to_decoder_keys
-    from tests.conftest import load_config, load_npz, load_weights
+    from tests.refdata import load_config, load_npz, load_weights
 
     _, cfg = transmitter_from_official(load_config("decoder")["transmitter_config"])
     decoder = ImplicitDecoder(cfg).eval()

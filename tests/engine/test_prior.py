@@ -11,7 +11,7 @@ import torch
 from engine.config import PriorConfig, official_bundle, prior_from_official
 from engine.models.latent_transformer import LatentPrior, timestep_embedding
 from engine.records import EngineError
-from tests.conftest import load_config, load_manifest, load_npz, load_weights
+from tests.refdata import load_config, load_manifest, load_npz, load_weights
 
 
 @pytest.mark.parametrize("name", ["text300M", "image300M"])

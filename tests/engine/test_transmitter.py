@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_config, load_manifest, load_npz, load_weights
+from tests.refdata import load_config, load_manifest, load_npz, load_weights
 from engine.config import OFFICIAL_CONFIG_DIR, DecoderConfig, EncoderConfig, NeRSTFConfig, ParamsProjConfig
 from engine.models.encoder_inputs import official_batch_from_arrays
 from engine.models.transmitter import Transmitter
