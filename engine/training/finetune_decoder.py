@@ -1,0 +1,126 @@
+"""Stage (b2): fine-tune the decoder (params_proj + NeRSTF MLP) on latents of the FROZEN encoder.
+
+The priors are trained on encoder latents, so the encoder must not change after stage (c); the decoder may: this
+stage sharpens latent -> field on the same latents (SDF + STF colour losses of stage b) and keeps every latent the
+priors produce meaningful. It is cheap (no encoder in the loop), so it also runs on a CPU:
+
+    python -m engine.training.finetune_decoder --weights engine/weights/mini --seconds 900 --objects 768
+
+The updated transmitter is written back (fp16) and mini.json's SHA-256 and training record are updated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import loop
+from .train_transmitter import TransmitterTrainConfig, make_bank, query_points
+from .world import signed_distance_tensors
+
+
+@torch.no_grad()
+def encode_bank(transmitter, bank, batch: int = 16) -> torch.Tensor:
+    out = []
+    for s in range(0, len(bank), batch):
+        idx = torch.arange(s, min(s + batch, len(bank)), device=bank.device)
+        out.append(transmitter.encode_batch(bank.encoder_batch(idx), training=False))
+    return torch.cat(out)  # (N, d_latent)
+
+
+def losses(decoder, latents, bank, idx, tcfg, gen) -> dict[str, torch.Tensor]:
+    pts, sdf = query_points(bank, idx, tcfg, gen)
+    out = decoder(latents[idx], pts, outputs=("sdf", "stf_rgb"))
+    target = torch.tanh(sdf * tcfg.sdf_scale)
+    sdf_loss = (out["sdf"] - target).square().mean() + (out["sdf"] - target).abs().mean()
+    band = (sdf.abs() < tcfg.color_band).float()
+    diff = out["stf_rgb"] - bank.srgb[idx][:, None]
+    color = (diff.square().mean(-1) * band).sum() / band.sum().clamp(min=1)
+    return {"loss": sdf_loss + tcfg.color_weight * color, "sdf": sdf_loss, "color": color}
+
+
+@torch.no_grad()
+def grid_iou(decoder, latents, bank, grid: int = 32) -> float:
+    lin = torch.linspace(-1, 1, grid)
+    gp = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(1, -1, 3)
+    ious = []
+    for s in range(0, len(latents), 8):
+        idx = torch.arange(s, min(s + 8, len(latents)))
+        pts = gp.expand(len(idx), -1, -1)
+        pred = decoder(latents[idx], pts, outputs=("sdf",))["sdf"] > 0
+        true = signed_distance_tensors(*bank.params(idx), pts) < 0
+        ious.append(((pred & true).sum(1).float() / (pred | true).sum(1).float().clamp(min=1)))
+    return float(torch.cat(ious).mean())
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "weights" / "mini"))
+    ap.add_argument("--seconds", type=float, default=900)
+    ap.add_argument("--objects", type=int, default=768)
+    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..mini_weights import load_mini
+    from .export import sha256_file
+
+    t_start = time.time()
+    parts = load_mini("cpu", args.weights)
+    transmitter = parts["transmitter"].float()
+    cfg = parts["configs"]["text"]
+    tcfg = TransmitterTrainConfig(n_surface=256, n_near=512, n_uniform=256, bank_surface=2048)
+    bank = make_bank(args.objects, "train", args.seed, cfg.encoder, tcfg, "cpu")
+    held = make_bank(48, "heldout", 888_888, cfg.encoder, tcfg, "cpu")
+    latents, held_latents = encode_bank(transmitter, bank), encode_bank(transmitter, held)
+    decoder = transmitter.decoder
+    before = {"train_iou": grid_iou(decoder, latents[:48], bank), "heldout_iou": grid_iou(decoder, held_latents, held)}
+    print(f"[finetune] {len(bank)} objects encoded in {time.time() - t_start:.0f} s; before: {before}", flush=True)
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    step, t0 = 0, time.time()
+    while time.time() - t0 < args.seconds:
+        idx = torch.randint(len(bank), (args.batch,), generator=gen)
+        m = losses(decoder, latents, bank, idx, tcfg, gen)
+        opt.zero_grad(set_to_none=True)
+        m["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            print(f"[finetune] step {step} loss {float(m['loss']):.4f} sdf {float(m['sdf']):.4f} "
+                  f"colour {float(m['color']):.4f} ({time.time() - t0:.0f} s)", flush=True)
+    decoder.eval()
+    after = {"train_iou": grid_iou(decoder, latents[:48], bank), "heldout_iou": grid_iou(decoder, held_latents, held)}
+    print(f"[finetune] {step} steps; after: {after}", flush=True)
+    record = {"steps": step, "seconds": round(time.time() - t_start), "objects": len(bank), "before": before,
+              "after": after, "device": "cpu"}
+    if after["heldout_iou"] <= before["heldout_iou"]:
+        print("[finetune] no held-out improvement: weights left unchanged", flush=True)
+        return record
+    from safetensors.torch import save_file
+
+    wdir = Path(args.weights)
+    path = wdir / "transmitter.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().half().contiguous() for k, v in transmitter.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    manifest = json.loads((wdir / "mini.json").read_text())
+    manifest["files"]["transmitter.safetensors"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest.setdefault("training", {})["decoder_finetune"] = record
+    (wdir / "mini.json.tmp").write_text(json.dumps(manifest, indent=1))
+    (wdir / "mini.json.tmp").replace(wdir / "mini.json")
+    print(f"[finetune] wrote {path}", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()
