@@ -10,16 +10,22 @@ mesh by (G−1)/(G+1) about the origin; the default puts the vertices on the tru
 Marching cubes is scikit-image's (Lewiner); its faces come out clockwise seen from outside for "inside = higher
 values", so they are flipped once here to the counter-clockwise, outward-normal convention of ``MeshRecord``.
 
-Two ways to fill the grid:
+Two ways to fill the grid (``sdf_grid``):
 * ``dense``: the field at all G³ points (the official way; ~2.1 M MLP queries at G = 128).
-* ``narrowband`` (coarse to fine): the field on a coarse grid of ~``coarse_size`` points per axis (a power-of-two
-  subsampling of the fine grid, extended past the box when G−1 is not a multiple of the step); at each level the
-  cells whose corners change sign are found, dilated by one cell (so a surface that bends between samples is still
-  caught), and only the next level's points inside those cells are queried; everything else takes the trilinear
-  interpolation of the coarser level (only its sign matters: no surface edge ends there). Grid points on the box
-  faces that are inside get exact values, since the −1 padding puts a surface next to them. On the fine grid the
-  two methods give identical values wherever a surface can be, so identical meshes unless a feature is thinner
-  than the coarse spacing.
+* ``narrowband`` (coarse to fine, surface following): the field on a coarse lattice of ~33³ points (a power-of-two
+  subsampling of the fine grid, extended past the box when G−1 is not a multiple of the step); then, level by level
+  down to the fine grid, every other point holds a placeholder (trilinear from the coarser level) and the field is
+  queried (a) at the midpoint of every coarse edge whose exact ends change sign, (b) at inside grid points on the
+  box faces (the −1 padding makes each a surface corner), and then (c) at the missing corners of every cell whose
+  corner values change sign, repeated until no such cell is left (the *closure*, a fixed point).
+  Guarantee: at the fixed point every sign-change cell has 8 queried corners, so each of its triangles is the
+  dense path's; through every sign-change edge the 4 cells around it change sign too, so a surface component
+  that reaches a queried cell is traced in full, however far it strays from the coarser band. The narrowband
+  mesh is therefore exactly the dense mesh minus whole components that no coarse cell saw (closed pieces that fit
+  between coarse samples, ~1/16 of the box, and never touch a traced surface). ``coarse_dilate`` also queries
+  all points of the coarse sign-change cells and their neighbours at the next level, which finds such pieces
+  close to the surface.
+Queries run through ``PackedField`` on the CPU (``decoder_field_fns``); the grid bookkeeping runs on one thread.
 """
 
 from __future__ import annotations
@@ -115,56 +121,48 @@ class _Level:
         self.values, self.exact, self.step, self.shift, self.axis = values, exact, step, shift, axis
         self.n = values.shape[0]
 
-    def query(self, fn: FieldFn, flat: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Query the field at lattice points ``flat`` (M,) (flat indices), mark them exact, and return those whose
-        sign differs from their placeholder's (the only new points that can start a surface outside the band)."""
-        if len(flat) == 0:
-            return flat
-        pts = self.axis[_unravel(flat, self.n) * self.step - self.shift]  # (M, 3)
-        values = self.values.view(-1)
-        was_inside = values[flat] > 0
-        new = _evaluate(fn, pts, chunk)
-        values[flat] = new
-        self.exact.view(-1)[flat] = True
-        return flat[(new > 0) != was_inside]
+    def query(self, fn: FieldFn, flat: torch.Tensor, chunk: int) -> int:
+        """Query the field at lattice points ``flat`` (M,) (flat indices) and mark them exact."""
+        if len(flat):
+            pts = self.axis[_unravel(flat, self.n) * self.step - self.shift]  # (M, 3)
+            self.values.view(-1)[flat] = _evaluate(fn, pts, chunk)
+            self.exact.view(-1)[flat] = True
+        return len(flat)
 
-    def close(self, fn: FieldFn, flipped: torch.Tensor, chunk: int, stats: dict) -> int:
-        """Query the missing corners of every cell that has a sign change, until there is none (a fixed point).
-
-        A cell with a non-exact corner lies in one coarser cell that was not refined, whose placeholders all share
-        one sign; so it can only have a sign change at a queried point whose sign differs from its placeholder's
-        (``flipped``). Each round looks at the 8 cells around each such point. At the fixed point every
-        sign-change cell has 8 exact corners: a surface component that reaches a queried cell is followed in full
-        at this resolution, however far it strays from the coarser band.
-        """
+    def close(self, fn: FieldFn, new: torch.Tensor, chunk: int, stats: dict) -> int:
+        """The closure: query the missing corners of every cell whose corner values change sign, until none is
+        left. Only cells touching just-queried points (``new``, flat indices) can have changed, so each round
+        looks at the 8 cells around each of those."""
         n, queries = self.n, 0
-        corner_flat = _ravel(_CORNERS, n).to(flipped.device)  # (8,)
-        corners3 = _CORNERS.to(flipped.device)
+        corner_flat = _ravel(_CORNERS, n).to(new.device)  # (8,)
+        corners3 = _CORNERS.to(new.device)
         values, exact = self.values.view(-1), self.exact.view(-1)
-        while len(flipped):
-            cells = _unravel(flipped, n)[:, None, :] - corners3  # (M, 8, 3): cells having the point as a corner
+        while len(new):
+            cells = _unravel(new, n)[:, None, :] - corners3  # (M, 8, 3): the cells having the point as a corner
             cells = cells[((cells >= 0) & (cells <= n - 2)).all(-1)]
             corners = torch.unique(_ravel(cells, n))[:, None] + corner_flat  # (C, 8)
-            inside = values[corners] > 0
             known = exact[corners]
-            need = (inside.any(1) != inside.all(1)) & ~known.all(1)
-            todo = torch.unique(corners[need][~known[need]])
-            queries += len(todo)
-            stats["closure_rounds"] = stats.get("closure_rounds", 0) + (len(todo) > 0)
-            flipped = self.query(fn, todo, chunk)
+            open_ = ~known.all(1)
+            corners, known = corners[open_], known[open_]
+            inside = values[corners] > 0
+            need = inside.any(1) != inside.all(1)
+            new = torch.unique(corners[need][~known[need]])
+            queries += self.query(fn, new, chunk)
+            stats["closure_rounds"] = stats.get("closure_rounds", 0) + (len(new) > 0)
         return queries
 
 
 def sdf_grid(sdf_fn: FieldFn, grid_size: int, *, method: Literal["narrowband", "dense"] = "narrowband",
              device=None, chunk: int = DEFAULT_CHUNK, coarse_step: int | None = None, coarse_dilate: int = 0,
              stats: dict | None = None, padded: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fill the (G, G, G) grid [x, y, z] of ``sdf_fn`` values.
+    """Fill the (G, G, G) grid [x, y, z] of ``sdf_fn`` values (module docstring: dense / narrowband).
 
     Returns (grid float32, exact) where ``exact`` (G, G, G) bool marks the points where the field was queried
-    (None for dense); elsewhere the grid holds a placeholder with the right sign (the coarse value nearby).
-    ``padded=True`` returns the (G+2)³ grid with the official −1 border instead (exact there). ``stats``
-    (optional dict) receives ``queries`` and per-stage counts. ``coarse_dilate`` cells are added around the
-    coarsest level's sign changes (only there), so surfaces that pass just beside a coarse sample are caught too.
+    (None for dense); elsewhere the grid holds a placeholder whose sign makes no surface there. ``padded=True``
+    returns the (G+2)³ grid with the official −1 border instead (exact there). ``stats`` (optional dict)
+    receives ``queries`` and per-level counts. ``coarse_step``: the coarsest lattice's step in fine voxels (a power
+    of two; default ~G/32). ``coarse_dilate``: also query every point of the coarsest level's sign-change cells
+    dilated by this many cells at the next level.
     """
     if grid_size < 2:
         raise EngineError(f"grid size {grid_size} is too small", "use a grid size of at least 8 (64 is typical)")
@@ -187,23 +185,16 @@ def sdf_grid(sdf_fn: FieldFn, grid_size: int, *, method: Literal["narrowband", "
     axis = torch.cat([axis, extra])  # (fine_n,): fine index -> coordinate (the same along x, y and z)
     level = _Level(torch.empty((n,) * 3, device=device), torch.zeros((n,) * 3, dtype=torch.bool, device=device),
                    step, 0, axis)
-    level.query(sdf_fn, torch.arange(n ** 3, device=device), chunk)
-    queries = stats["coarse"] = n ** 3
-    first = True
+    queries = stats["coarse"] = level.query(sdf_fn, torch.arange(n ** 3, device=device), chunk)
+    cells = _dilate(_sign_change_cells(level.values), coarse_dilate) if coarse_dilate else None
     while level.step > 1:
-        cells = _sign_change_cells(level.values)  # (n−1)³; every one has exact corners (closure invariant)
-        if first and coarse_dilate:
-            cells = _dilate(cells, coarse_dilate)
-        first = False
-        level, todo = _refine(level, cells, grid_size)
-        flipped = level.query(sdf_fn, todo, chunk)
-        new = len(todo)
+        level, todo = _refine(level, grid_size, cells)
+        cells = None
         if level.shift:  # the final, padded level: inside points on the box faces meet the −1 border
-            face = _box_face_candidates(level, grid_size)
-            flipped = torch.cat([flipped, level.query(sdf_fn, face, chunk)])
-            new += len(face)
-        closed = level.close(sdf_fn, flipped, chunk, stats)
-        stats.setdefault("levels", []).append({"step": level.step, "refine": new, "closure": closed})
+            todo = torch.unique(torch.cat([todo, _box_face_candidates(level, grid_size)]))
+        new = level.query(sdf_fn, todo, chunk)
+        closed = level.close(sdf_fn, todo, chunk, stats)
+        stats.setdefault("levels", []).append({"step": level.step, "seeds": new, "closure": closed})
         queries += new + closed
     stats["queries"] = queries
     values, exact = level.values, level.exact
@@ -213,14 +204,16 @@ def sdf_grid(sdf_fn: FieldFn, grid_size: int, *, method: Literal["narrowband", "
     return values, exact
 
 
-def _refine(level: _Level, cells: torch.Tensor, grid_size: int) -> tuple[_Level, torch.Tensor]:
-    """Halve the step: placeholders from the nearest coarser point, exact copies of the coarse lattice points, and
-    the flat indices (M,) of the new points lying in flagged ``cells`` that still need a query."""
+def _refine(level: _Level, grid_size: int, cells: torch.Tensor | None) -> tuple[_Level, torch.Tensor]:
+    """Halve the step. Returns the finer level (trilinear placeholders, the coarse lattice points exact) and the
+    flat indices (M,) of its points to query first: the midpoints of the coarse edges whose exact ends change
+    sign (plus every point of the flagged coarse ``cells``, if given)."""
     n, step = level.n, level.step // 2
-    up = F.interpolate(level.values[None, None], scale_factor=2, mode="nearest")[0, 0]  # (2n)³, [i] = coarse[i//2]
+    m2 = 2 * n - 1
+    up = F.interpolate(level.values[None, None], size=(m2,) * 3, mode="trilinear", align_corners=True)[0, 0]
     if step > 1:
-        m, shift = 2 * n - 1, 0
-        values = up[:m, :m, :m].contiguous()
+        m, shift = m2, 0
+        values = up
         exact = torch.zeros((m,) * 3, dtype=torch.bool, device=values.device)
         exact[::2, ::2, ::2] = level.exact
     else:  # the final level: the G³ grid inside the official −1 border, (G+2)³
@@ -232,9 +225,18 @@ def _refine(level: _Level, cells: torch.Tensor, grid_size: int) -> tuple[_Level,
         c = (grid_size + 1) // 2  # coarse points inside the box
         exact[1:-1:2, 1:-1:2, 1:-1:2] = level.exact[:c, :c, :c]
     del up
-    # Every point of a flagged cell: the 27 points (2i + a, 2j + b, 2k + c), a, b, c in 0..2, of the finer lattice.
-    pts = (cells.nonzero()[:, None, :] * 2 + _CHILDREN.to(cells.device)).reshape(-1, 3) + shift  # (27·C, 3)
-    pts = pts[(pts < m - shift).all(-1)] if shift else pts
+    seeds = []
+    for a in range(3):  # coarse edges along axis a with exact, opposite-sign ends -> their fine midpoints
+        v0, v1 = level.values.narrow(a, 0, n - 1), level.values.narrow(a, 1, n - 1)
+        known = level.exact.narrow(a, 0, n - 1) & level.exact.narrow(a, 1, n - 1)
+        mid = (((v0 > 0) != (v1 > 0)) & known).nonzero() * 2  # (E, 3) fine index of the edge's lower end
+        mid[:, a] += 1
+        seeds.append(mid)
+    if cells is not None:  # every point (2i + a, 2j + b, 2k + c), a, b, c in 0..2, of each flagged cell
+        seeds.append((cells.nonzero()[:, None, :] * 2 + _CHILDREN.to(cells.device)).reshape(-1, 3))
+    pts = torch.cat(seeds) + shift
+    if shift:
+        pts = pts[(pts < m - shift).all(-1)]  # beyond the box: not part of the fine grid
     todo = torch.zeros((m,) * 3, dtype=torch.bool, device=values.device)
     todo.view(-1)[_ravel(pts, m)] = True
     todo &= ~exact
@@ -244,13 +246,17 @@ def _refine(level: _Level, cells: torch.Tensor, grid_size: int) -> tuple[_Level,
 def _box_face_candidates(level: _Level, grid_size: int) -> torch.Tensor:
     """Flat indices of not-yet-queried grid points on the box faces whose placeholder is inside (> 0): next to the
     −1 border each of them is a surface corner, so it needs its exact value."""
-    m = level.n
-    face = torch.zeros((m,) * 3, dtype=torch.bool, device=level.values.device)
+    m, found = level.n, []
+    idx = torch.arange(m, device=level.values.device)
     for a in range(3):
-        face.select(a, 1).fill_(True)
-        face.select(a, grid_size).fill_(True)
-    face &= ~level.exact & (level.values > 0)
-    return face.view(-1).nonzero()[:, 0]
+        for i in (1, grid_size):
+            face = ~level.exact.select(a, i) & (level.values.select(a, i) > 0)  # (m, m)
+            uv = face.nonzero()  # (K, 2): the other two axes in order
+            ijk = torch.empty(len(uv), 3, dtype=torch.long, device=idx.device)
+            ijk[:, a] = i
+            ijk[:, [d for d in range(3) if d != a]] = uv
+            found.append(_ravel(ijk, m))
+    return torch.cat(found)
 
 
 def marching_cubes(grid: torch.Tensor | np.ndarray, *, official_scale: bool = False,
