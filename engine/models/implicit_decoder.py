@@ -298,9 +298,11 @@ class PackedField:
                 cols = [d] + [3 + 3 * k + d for k in range(octaves)] + [3 + 3 * (octaves + k) + d
                                                                          for k in range(octaves)]
                 self.axis_mats.append(self.mats[0][cols].contiguous())
-            tables = [feats @ w for w in self.axis_mats]  # (L, H) each
-            tables[0] += self.biases[0]
-            self.tables = torch.cat(tables)  # (3L, H)
+            # float64 tables, summed in float64 and rounded once: layer 0 then is the correctly rounded value of
+            # the encoding's dot products, no further from the official fp32 GEMM than that GEMM's own rounding.
+            tables = [feats.double() @ w.double() for w in self.axis_mats]  # (L, H) each
+            tables[0] += self.biases[0].double()
+            self.tables = torch.cat(tables)  # (3L, H) float64
 
     def _layer0(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Layer 0 pre-activation of points p (m, 3) into y (m, H)."""
@@ -312,7 +314,7 @@ class PackedField:
         on = self.lattice[idx] == p  # (m, 3): coordinate is exactly a lattice value
         idx += torch.arange(0, 3 * n, n, device=p.device)  # rows of the (3L, H) table
         if on.all():  # grid points: three table rows per point
-            return torch.add(F.embedding_bag(idx, self.tables, mode="sum"), 0, out=y)
+            return y.copy_(F.embedding_bag(idx, self.tables, mode="sum"))
         # Mixed (e.g. mesh vertices: two coordinates on the lattice, one along an edge): the table for the
         # lattice coordinates, the encoding of that one coordinate for the others. Bias is in table 0.
         y.zero_()
@@ -320,7 +322,7 @@ class PackedField:
         for d in range(3):
             rows_on, rows_off = on[:, d].nonzero()[:, 0], (~on[:, d]).nonzero()[:, 0]
             if len(rows_on):
-                y.index_add_(0, rows_on, self.tables[idx[rows_on, d]])
+                y.index_add_(0, rows_on, self.tables[idx[rows_on, d]].float())
             if len(rows_off):
                 feats = posenc_nerf(p[rows_off, d:d + 1], octaves)  # (k, 31)
                 y.index_add_(0, rows_off, feats @ self.axis_mats[d])
