@@ -316,7 +316,7 @@ def main() -> None:
         ref = next((x["seconds"] for x in rows if x["grid"] == r["grid"] and x["impl"] == "diffusers"), None)
         speed = f"{ref / r['seconds']:6.1f}x" if ref else f"{'-':>7}"
         est = idle_estimate(r, q_l, q_g) if q_l and q_g else None
-        ref_idle = DIFFUSERS_IDLE.get(r["grid"], (None, None))[0]
+        ref_idle = DIFFUSERS_IDLE.get(r["grid"], (None, None))[0] if args.model == "full" else None
         speed_idle = f"{ref_idle / est:10.1f}x" if est and ref_idle else f"{'-':>11}"
         est_s = f"{est:10.2f}" if est else f"{'-':>10}"
         line = (f"{r['grid']:>4} {r['impl']:>10} {r['sdf_queries']:>9} {r['color_queries']:>8} {r['seconds']:8.2f} "

@@ -88,6 +88,16 @@ def _unravel(flat: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([flat // (n * n), (flat // n) % n, flat % n], dim=-1)
 
 
+def _unique(flat: torch.Tensor, size: int) -> torch.Tensor:
+    """Sorted distinct values of ``flat`` (M,), all in [0, size): a mark-and-scan over ``size`` booleans when that
+    is the cheaper pass (M ≳ size / 8), else a sort."""
+    if 8 * len(flat) < size:
+        return torch.unique(flat)
+    mark = torch.zeros(size, dtype=torch.bool, device=flat.device)
+    mark[flat] = True
+    return mark.nonzero()[:, 0]
+
+
 def auto_coarse_step(grid_size: int, coarse_size: int = COARSE_SIZE) -> int:
     """The power-of-two step that gives about ``coarse_size`` coarse points per axis."""
     return 2 ** max(0, round(math.log2(max(grid_size, 1) / coarse_size)))
@@ -135,18 +145,21 @@ class _Level:
         looks at the 8 cells around each of those."""
         n, queries = self.n, 0
         corner_flat = _ravel(_CORNERS, n).to(new.device)  # (8,)
-        corners3 = _CORNERS.to(new.device)
         values, exact = self.values.view(-1), self.exact.view(-1)
         while len(new):
-            cells = _unravel(new, n)[:, None, :] - corners3  # (M, 8, 3): the cells having the point as a corner
-            cells = cells[((cells >= 0) & (cells <= n - 2)).all(-1)]
-            corners = torch.unique(_ravel(cells, n))[:, None] + corner_flat  # (C, 8)
+            ijk = _unravel(new, n)  # (M, 3)
+            # Cell (p − o) for corner offset o exists unless it leaves the lattice: o_d = 1 needs p_d > 0 and
+            # o_d = 0 needs p_d < n − 1. (M, 2) per axis, multiplied out to (M, 2, 2, 2) = (M, 8) in _CORNERS order.
+            ok = [torch.stack([ijk[:, d] < n - 1, ijk[:, d] > 0], 1) for d in range(3)]
+            valid = (ok[0][:, :, None, None] & ok[1][:, None, :, None] & ok[2][:, None, None, :]).reshape(-1, 8)
+            cells = _unique((new[:, None] - corner_flat)[valid], n ** 3)  # (C,) lowest-corner flat index
+            corners = cells[:, None] + corner_flat  # (C, 8)
             known = exact[corners]
             open_ = ~known.all(1)
             corners, known = corners[open_], known[open_]
             inside = values[corners] > 0
             need = inside.any(1) != inside.all(1)
-            new = torch.unique(corners[need][~known[need]])
+            new = _unique(corners[need][~known[need]], n ** 3)
             queries += self.query(fn, new, chunk)
             stats["closure_rounds"] = stats.get("closure_rounds", 0) + (len(new) > 0)
         return queries
@@ -191,7 +204,7 @@ def sdf_grid(sdf_fn: FieldFn, grid_size: int, *, method: Literal["narrowband", "
         level, todo = _refine(level, grid_size, cells)
         cells = None
         if level.shift:  # the final, padded level: inside points on the box faces meet the −1 border
-            todo = torch.unique(torch.cat([todo, _box_face_candidates(level, grid_size)]))
+            todo = _unique(torch.cat([todo, _box_face_candidates(level, grid_size)]), level.n ** 3)
         new = level.query(sdf_fn, todo, chunk)
         closed = level.close(sdf_fn, todo, chunk, stats)
         stats.setdefault("levels", []).append({"step": level.step, "seeds": new, "closure": closed})
@@ -329,12 +342,12 @@ def extract_mesh_from_field(sdf_fn: FieldFn, grid_size: int = 64, *, color_fn: F
     return MeshRecord(verts, faces, colors, grid_size=grid_size)
 
 
-def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None,
-                      grid_size: int | None = None) -> tuple[FieldFn, FieldFn]:
+def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None, grid_size: int | None = None,
+                      threads: int | None = None) -> tuple[FieldFn, FieldFn]:
     """(sdf_fn, linear colour_fn) of one latent (d_latent,). The projection runs where the decoder lives; the
     small per-latent weights then move to ``device``. On the CPU the fields use ``PackedField`` (one GEMM per
     layer, fused swish, and per-axis layer-0 tables for the points of the ``grid_size`` grid); on CUDA
-    ``query_field`` under fp16 autocast."""
+    ``query_field`` under fp16 autocast. ``threads``: the CPU field's worker threads (default: torch's setting)."""
     from ..models.implicit_decoder import PackedField, query_field, srgb_to_linear
 
     home = next(decoder.parameters()).device
@@ -345,7 +358,7 @@ def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None,
                           static.w6.to(device))
     if device.type == "cpu":
         lattice = grid_points_axis(grid_size, device=device) if grid_size else None
-        packed = PackedField(params, static, lattice=lattice)
+        packed = PackedField(params, static, lattice=lattice, threads=threads)
         return packed.sdf, lambda points: srgb_to_linear(packed.stf_rgb(points))
 
     def sdf_fn(points: torch.Tensor) -> torch.Tensor:
@@ -372,10 +385,13 @@ def extract_mesh(decoder, latent: torch.Tensor, *, grid_size: int = 64,
                           "decode it with the model that made it")
     if not torch.isfinite(latent).all():
         raise EngineError("the latent contains NaN or infinite values", "regenerate it (try fp32 precision)")
-    sdf_fn, color_fn = decoder_field_fns(decoder, latent.float(), device=device, grid_size=grid_size)
-    dev = device if device is not None else next(decoder.parameters()).device
-    mesh = extract_mesh_from_field(sdf_fn, grid_size, color_fn=color_fn, method=method,
-                                   official_scale=official_scale, device=dev, chunk=chunk, coarse_step=coarse_step,
-                                   coarse_dilate=coarse_dilate, stats=stats)
+    dev = torch.device(device) if device is not None else next(decoder.parameters()).device
+    threads = torch.get_num_threads()  # the field's workers; everything else runs on one thread (on the CPU)
+    with _one_intra_op_thread() if dev.type == "cpu" else contextlib.nullcontext():
+        sdf_fn, color_fn = decoder_field_fns(decoder, latent.float(), device=device, grid_size=grid_size,
+                                             threads=threads)
+        mesh = extract_mesh_from_field(sdf_fn, grid_size, color_fn=color_fn, method=method,
+                                       official_scale=official_scale, device=dev, chunk=chunk,
+                                       coarse_step=coarse_step, coarse_dilate=coarse_dilate, stats=stats)
     mesh.latent = latent.detach().float().reshape(-1).cpu().numpy()
     return mesh
