@@ -31,9 +31,13 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="number of results (seeds seed..seed+N-1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"])
+    p.add_argument("--clip-weights", type=Path, default=None,
+                   help="an existing OpenAI ViT-L-14.pt for the official models (default: the weights cache)")
 
 
 def _request(args, grid: int = 64) -> GenerationRequest:
+    if getattr(args, "clip_weights", None) is not None:
+        os.environ["SHAP_E_CLIP_WEIGHTS"] = str(args.clip_weights)
     image = name = None
     if args.image is not None:
         from .conditioning.clip import load_image

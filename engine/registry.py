@@ -49,6 +49,16 @@ _DECODER_FILES = ("vector_decoder.pt", "transmitter.pt")
 _CLIP_FILE = "ViT-L-14.pt"
 
 
+def clip_weights_path() -> Path:
+    """ViT-L/14 weights: SHAP_E_CLIP_WEIGHTS (set by the CLI's --clip-weights) or the weights cache."""
+    import os
+
+    from .weights import cache_dir
+
+    override = os.environ.get("SHAP_E_CLIP_WEIGHTS")
+    return Path(override) if override else cache_dir() / _CLIP_FILE
+
+
 def model_names() -> list[str]:
     return ["mini", *_OFFICIAL]
 
@@ -62,7 +72,7 @@ def _official_missing(name: str) -> tuple[str, ...]:
         missing.append(_OFFICIAL[name][1])
     if not any((root / f).exists() for f in _DECODER_FILES):
         missing.append(" or ".join(_DECODER_FILES))
-    if not (root / _CLIP_FILE).exists():
+    if not clip_weights_path().exists():
         missing.append(_CLIP_FILE)
     return tuple(missing)
 
@@ -190,7 +200,7 @@ def _load_official(name: str, bundle: ModelBundleConfig, device) -> LoadedModel:
     else:
         decoder_sd, _encoder_sd = transmitter_to_decoder_keys(load_state_dict(root / "transmitter.pt"))
         load_strict(decoder, decoder_sd, what="transmitter (decoder part)")
-    clip = ClipConditioner.from_config(bundle.clip, weights=root / _CLIP_FILE, device=device)
+    clip = ClipConditioner.from_config(bundle.clip, weights=clip_weights_path(), device=device)
     prior.to(device).eval()
     decoder.to(device).eval()
     return LoadedModel(name, bundle.prior.cond, bundle, clip, prior, decoder, _nbytes(prior, decoder))

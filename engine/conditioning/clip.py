@@ -125,7 +125,7 @@ def missing_weights_error(path: Path | None = None) -> EngineError:
         f"the CLIP ViT-L/14 weights file {CLIP_FILE} was not found at {where}",
         f"run 'python -m engine download clip', or download {entry.url} (SHA-256 {entry.sha256}) by hand into "
         f"{cache_dir()} (the weights cache; set SHAP_E_CACHE to move it), or pass an existing copy with "
-        f"--clip-weights PATH")
+        f"--clip-weights PATH (or the SHAP_E_CLIP_WEIGHTS environment variable)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
