@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from . import loop
 from .train_transmitter import TransmitterTrainConfig, make_bank, query_points
 from .world import signed_distance_tensors
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from engine import checkpoints
-from engine.checkpoints import (
-    from_diffusers_prior, from_diffusers_renderer, interleave_qkv, load_state_dict, load_strict, split_qkv,
-    to_diffusers_prior,
+from engine.checkpoints import load_state_dict, load_strict
+from engine.diffusers_format import (
+    from_diffusers_prior, from_diffusers_renderer, interleave_qkv, split_qkv, to_diffusers_prior,
 )
 from engine.config import DecoderConfig, NeRSTFConfig, ParamsProjConfig, PriorConfig
 from engine.records import EngineError
