@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..colors import srgb_to_linear  # noqa: F401  (extraction imports it from here)
 from ..config import DecoderConfig
 from ..records import EngineError
 from .encoder_blocks import posenc_nerf
@@ -383,11 +384,6 @@ class PackedField:
     def stf_rgb(self, points: torch.Tensor) -> torch.Tensor:
         """(M, 3) -> (M, 3) STF colour after the sigmoid (sRGB-space values)."""
         return self.raw(points, OUTPUT_SLOTS["stf_rgb"], torch.sigmoid_)
-
-
-def srgb_to_linear(u: torch.Tensor) -> torch.Tensor:
-    """The official ``_convert_srgb_to_linear`` (the STF mesh colours, §6.7)."""
-    return torch.where(u <= 0.04045, u / 12.92, ((u + 0.055) / 1.055) ** 2.4)
 
 
 # ----------------------------------------------------------------------------------------------------------------

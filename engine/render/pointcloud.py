@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.colors import linear_to_srgb, srgb_to_linear  # noqa: F401  (preview imports them from here)
 from engine.records import EngineError, MeshRecord
 from engine.render.cameras import Camera, look_at_cameras
 from engine.render.rasterize import render_mesh
@@ -23,17 +24,6 @@ from engine.render.rasterize import render_mesh
 MAX_DEPTH = 9.0  # encoder max_depth; background depth is clamped here
 VIEW_DISTANCE = 4.0
 VIEW_FOV = 0.7
-
-
-def linear_to_srgb(c: torch.Tensor) -> torch.Tensor:
-    """IEC 61966-2-1 transfer function, values clamped to [0, 1] first."""
-    c = c.clamp(0.0, 1.0)
-    return torch.where(c <= 0.0031308, c * 12.92, 1.055 * c.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
-
-
-def srgb_to_linear(c: torch.Tensor) -> torch.Tensor:
-    c = c.clamp(0.0, 1.0)
-    return torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
 def _quantize(c: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ from functools import lru_cache
 
 import torch
 
+from ..colors import linear_to_srgb, srgb_to_linear  # noqa: F401  (re-exported for the training code)
+
 SHAPES = ("cube", "sphere", "cylinder", "cone", "torus", "pyramid", "capsule", "octahedron")
 ASPECTS = ("regular", "tall", "flat")
 ASPECT_Z = (1.0, 2.0, 0.4)
@@ -62,15 +64,6 @@ N_KINDS = len(SHAPES) * len(ASPECTS) * len(COLORS)  # 288
 
 def srgb_to_linear_scalar(u: float) -> float:
     return u / 12.92 if u <= 0.04045 else ((u + 0.055) / 1.055) ** 2.4
-
-
-def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x <= 0.04045, x / 12.92, ((x.clamp(min=0) + 0.055) / 1.055) ** 2.4)
-
-
-def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
-    x = x.clamp(0, 1)
-    return torch.where(x <= 0.0031308, x * 12.92, 1.055 * x.clamp(min=1e-12) ** (1 / 2.4) - 0.055)
 
 
 def is_held_out(shape_idx: int, color_idx: int) -> bool:
