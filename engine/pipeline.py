@@ -223,12 +223,12 @@ def encode_mesh(mesh: MeshRecord, *, model: str = "mini", device: str = "auto", 
         raise EngineError("the mesh has no faces", "give a mesh with at least one triangle")
     placement = devices.resolve(device)
     transmitter = registry.load_transmitter(model, placement.device)
-    cfg = transmitter.encoder_config
+    cfg = transmitter.encoder.cfg
     inputs = mesh_to_encoder_inputs(mesh, n_points=cfg.n_points, n_views=cfg.n_views, image_size=cfg.image_size,
                                     generator=torch.Generator().manual_seed(seed))
+    keys = ("points", "views", "depths", "alphas", "rays", "camera_z")
     with torch.inference_mode():
-        latent = transmitter.encode_to_latent(**{k: v.to(placement.device) if torch.is_tensor(v) else v
-                                                 for k, v in inputs.items()})
+        latent = transmitter.encode_to_latent(*(inputs[k].to(placement.device) for k in keys), training=False)
     return latent.reshape(-1).float().cpu().numpy()
 
 
@@ -245,8 +245,9 @@ def render_latent(latent: np.ndarray, *, model: str = "mini", size: int = 128, d
         raise EngineError(f"latent has {lat.shape[1]} numbers but model {model!r} expects "
                           f"{loaded.bundle.decoder.d_latent}", "render it with the model that made it")
     with torch.inference_mode():
-        params = loaded.decoder.project(lat)
-        field = lambda pts: loaded.decoder.query_field(params, pts, outputs=(  # noqa: E731
-            "density_coarse", "density_fine", "nerf_rgb_coarse", "nerf_rgb_fine"))
-        out = render_nerf(field, pan_cameras(1, size, device=placement.device))
+        field = loaded.decoder.field_fn(lat[0], outputs=("density_coarse", "density_fine", "nerf_rgb_coarse",
+                                                         "nerf_rgb_fine"))
+        pan = pan_cameras(20, size, device=placement.device)  # the official 20-view pan; its first view
+        cam = dataclasses.replace(pan, origin=pan.origin[:1], x=pan.x[:1], y=pan.y[:1], z=pan.z[:1])
+        out = render_nerf(field, cam)
     return out["image_u8"][0].cpu().numpy()
