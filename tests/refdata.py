@@ -30,3 +30,14 @@ def load_config(name: str) -> dict:
 
 def load_manifest(name: str) -> dict:
     return json.loads((MANIFESTS / f"{name}.json").read_text())
+
+
+def fixture_decoder():
+    """The decoder fixture's ImplicitDecoder (transmitter layout loaded strictly), in eval mode."""
+    from engine.config import transmitter_from_official
+    from engine.models.implicit_decoder import ImplicitDecoder, transmitter_to_decoder_keys
+
+    _, cfg = transmitter_from_official(load_config("decoder")["transmitter_config"])
+    dec = ImplicitDecoder(cfg)
+    dec.load_state_dict(transmitter_to_decoder_keys(load_weights("decoder_transmitter_layout.safetensors"))[0])
+    return dec.eval()

@@ -7,7 +7,7 @@ subset): ball query (radius 0.5, ``n_sample`` = 64 neighbours in increasing inde
 padding 4 along the neighbour axis) -> swish -> second such conv -> swish -> mean over the neighbour axis.
 
 Deliberate deviation: the official ``apply_conv`` randomly permutes the neighbour axis (independently per channel)
-before every conv, even at eval time (a TODO in its code). We keep neighbours in ball-query order: the shuffle only
+before every conv, even at eval time (its authors left a note to revisit this). We keep neighbours in ball-query order: the shuffle only
 adds noise to the latent (up to ~4e-3 on the reference fixture), makes encoding non-deterministic, and an
 order-preserving conv is what the reference fixture was produced with. The official checkpoint was trained with
 the shuffle, so its convs are used here on one fixed ordering of what they saw as random orderings.

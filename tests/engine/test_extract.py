@@ -8,22 +8,18 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from engine.config import transmitter_from_official
 from engine.geometry.extract import (_sign_change_cells, extract_mesh, extract_mesh_from_field, grid_points,
                                      marching_cubes, sdf_grid)
-from engine.models.implicit_decoder import ImplicitDecoder, transmitter_to_decoder_keys
+from engine.models.implicit_decoder import ImplicitDecoder
 from engine.records import EngineError, MeshRecord
-from tests.refdata import load_config, load_npz, load_weights
+from tests.refdata import fixture_decoder, load_npz
 
 NPZ = load_npz("decoder")
 
 
 @pytest.fixture(scope="module")
 def decoder() -> ImplicitDecoder:
-    _, cfg = transmitter_from_official(load_config("decoder")["transmitter_config"])
-    dec = ImplicitDecoder(cfg)
-    dec.load_state_dict(transmitter_to_decoder_keys(load_weights("decoder_transmitter_layout.safetensors"))[0])
-    return dec.eval()
+    return fixture_decoder()
 
 
 def _nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,20 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import transmitter_from_official
 from engine.geometry.extract import grid_points, grid_points_axis
-from engine.models.implicit_decoder import ImplicitDecoder, PackedField, query_field, transmitter_to_decoder_keys
-from tests.refdata import load_config, load_npz, load_weights
+from engine.models.implicit_decoder import ImplicitDecoder, PackedField, query_field
+from tests.refdata import fixture_decoder, load_npz
 
 NPZ = load_npz("decoder")
 
 
 @pytest.fixture(scope="module")
 def decoder() -> ImplicitDecoder:
-    _, cfg = transmitter_from_official(load_config("decoder")["transmitter_config"])
-    dec = ImplicitDecoder(cfg)
-    dec.load_state_dict(transmitter_to_decoder_keys(load_weights("decoder_transmitter_layout.safetensors"))[0])
-    return dec.eval()
+    return fixture_decoder()
 
 
 @pytest.fixture(scope="module")
