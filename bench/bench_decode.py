@@ -1,8 +1,11 @@
 """Benchmark: full-size decoder latent -> coloured mesh, ours (dense / narrowband) vs diffusers' ShapERenderer.
 
-Usage:  python bench/bench_decode.py [--device cpu|cuda] [--grids 64 128 256] [--impls dense narrowband diffusers]
+Usage:  python bench/bench_decode.py [--device cpu|cuda] [--grids 64 128 256]
+                                     [--impls dense narrowband interp diffusers]
                                      [--model full|mini] [--q1-lattice Q --q1-generic Q] [--threads N]
 
+Impls: ``dense`` and ``narrowband`` query the colour at every vertex (official); ``interp`` is the narrow band
+with colours interpolated from the grid corners' (``vertex_colors='interpolate'``, the default from grid 128).
 Every configuration runs in its own subprocess. The decoder is the full-size one (226 M parameters; ``--model
 mini`` takes engine.mini_config.MINI_DECODER instead) with random weights, edited like the reference fixture so the
 field is a smooth blob with ~15 % of the box inside (LayerNorm gains x16, layers 4-6 x4, posenc columns of octaves
@@ -234,8 +237,11 @@ def child(impl: str, grid: int, device: str, model: str, calib: bool) -> dict:
             n_v, n_f = len(mesh.verts), len(mesh.faces)
             stats = {"queries": grid ** 3, "color_queries": n_v}
         else:  # what engine.geometry.extract.extract_mesh does, with the field calls timed
-            sdf_fn, color_fn = decoder_field_fns(dec, latent, device=device, grid_size=grid)
-            mesh = extract_mesh_from_field(_timed(sdf_fn, acc), grid, color_fn=_timed(color_fn, acc), method=impl,
+            sdf_fn, color_fn, sdf_color_fn = decoder_field_fns(dec, latent, device=device, grid_size=grid)
+            mesh = extract_mesh_from_field(_timed(sdf_fn, acc), grid, color_fn=_timed(color_fn, acc),
+                                           sdf_color_fn=_timed(sdf_color_fn, acc),
+                                           vertex_colors="interpolate" if impl == "interp" else "query",
+                                           method="narrowband" if impl == "interp" else impl,
                                            device=device, stats=stats)
             n_v, n_f = len(mesh.vertices), len(mesh.faces)
     if device == "cuda":
@@ -263,8 +269,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--grids", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--impls", nargs="+", default=["narrowband", "dense", "diffusers"],
-                    choices=["dense", "narrowband", "diffusers"])
+    ap.add_argument("--impls", nargs="+", default=["interp", "narrowband", "dense", "diffusers"],
+                    choices=["dense", "narrowband", "interp", "diffusers"])
     ap.add_argument("--model", default="full", choices=["full", "mini"])
     ap.add_argument("--q1-lattice", type=float, help="single-thread grid-point queries/s measured when quiet")
     ap.add_argument("--q1-generic", type=float, help="single-thread off-grid queries/s measured when quiet")

@@ -26,6 +26,14 @@ Two ways to fill the grid (``sdf_grid``):
   all points of the coarse sign-change cells and their neighbours at the next level, which finds such pieces
   close to the surface.
 Queries run through ``PackedField`` on the CPU (``decoder_field_fns``); the grid bookkeeping runs on one thread.
+
+Vertex colours (``vertex_colors``): ``query`` evaluates the colour at every final vertex (the official way, one more
+MLP pass per vertex); ``interpolate`` takes the colour at the grid corners in the same MLP pass as the SDF (the
+last layer computes 4 rows instead of 1) and interpolates it linearly along the vertex's edge, with the marching
+cubes weight t. Every vertex lies on an edge whose two ends were queried, except caps on the box faces, whose
+outer end is the −1 border: they take the inner end's colour. The difference is O(voxel²) of the colour field's
+curvature (measured in tests and bench/bench_decode.py); ``auto`` interpolates from grid 128 up, where the voxel is
+small and the vertex pass would cost ~30 % of the decode.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from ..records import EngineError, MeshRecord
 FieldFn = Callable[[torch.Tensor], torch.Tensor]  # points (M, 3) -> values (M,) or colours (M, 3)
 DEFAULT_CHUNK = 32768  # MLP queries per call: ~32 MB of activations per layer at width 256 (fp32)
 MC_METHOD = "lorensen"
+INTERPOLATE_FROM_GRID = 128  # vertex_colors="auto": query below this grid size, interpolate from it up
 COARSE_SIZE = 32  # coarsest lattice ~33³ points (spacing ~1/16 of the box), whatever the grid size
 DEFAULT_GREY = (0.8, 0.8, 0.8)  # colour of meshes from fields that have none
 
@@ -127,15 +136,22 @@ class _Level:
     fine-grid coordinates (the dense path's linspace, extended past the box for the coarse lattices' overhang).
     """
 
-    def __init__(self, values: torch.Tensor, exact: torch.Tensor, step: int, shift: int, axis: torch.Tensor):
+    def __init__(self, values: torch.Tensor, exact: torch.Tensor, step: int, shift: int, axis: torch.Tensor,
+                 colors: list | None = None):
         self.values, self.exact, self.step, self.shift, self.axis = values, exact, step, shift, axis
+        self.colors = colors  # None, or a list collecting (fine ijk (M, 3), colour (M, 3)) of every query
         self.n = values.shape[0]
 
     def query(self, fn: FieldFn, flat: torch.Tensor, chunk: int) -> int:
         """Query the field at lattice points ``flat`` (M,) (flat indices) and mark them exact."""
         if len(flat):
-            pts = self.axis[_unravel(flat, self.n) * self.step - self.shift]  # (M, 3)
-            self.values.view(-1)[flat] = _evaluate(fn, pts, chunk)
+            fine = _unravel(flat, self.n) * self.step - self.shift  # (M, 3) fine-grid index
+            out = _evaluate(fn, self.axis[fine], chunk)
+            if self.colors is not None:  # fn gives (M, 4): SDF and colour
+                out = out.reshape(len(flat), 4)
+                self.colors.append((fine, out[:, 1:]))
+                out = out[:, 0]
+            self.values.view(-1)[flat] = out
             self.exact.view(-1)[flat] = True
         return len(flat)
 
@@ -167,7 +183,8 @@ class _Level:
 
 def sdf_grid(sdf_fn: FieldFn, grid_size: int, *, method: Literal["narrowband", "dense"] = "narrowband",
              device=None, chunk: int = DEFAULT_CHUNK, coarse_step: int | None = None, coarse_dilate: int = 0,
-             stats: dict | None = None, padded: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             stats: dict | None = None, padded: bool = False, corner_colors: list | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fill the (G, G, G) grid [x, y, z] of ``sdf_fn`` values (module docstring: dense / narrowband).
 
     Returns (grid float32, exact) where ``exact`` (G, G, G) bool marks the points where the field was queried
@@ -175,7 +192,8 @@ def sdf_grid(sdf_fn: FieldFn, grid_size: int, *, method: Literal["narrowband", "
     returns the (G+2)³ grid with the official −1 border instead (exact there). ``stats`` (optional dict)
     receives ``queries`` and per-level counts. ``coarse_step``: the coarsest lattice's step in fine voxels (a power
     of two; default ~G/32). ``coarse_dilate``: also query every point of the coarsest level's sign-change cells
-    dilated by this many cells at the next level.
+    dilated by this many cells at the next level. ``corner_colors``: a list; ``sdf_fn`` then returns (M, 4)
+    (SDF, colour) and every query appends (fine-grid index (M, 3), colour (M, 3)) to the list.
     """
     if grid_size < 2:
         raise EngineError(f"grid size {grid_size} is too small", "use a grid size of at least 8 (64 is typical)")
@@ -187,7 +205,12 @@ def sdf_grid(sdf_fn: FieldFn, grid_size: int, *, method: Literal["narrowband", "
     stats = stats if stats is not None else {}
     axis = grid_points_axis(grid_size, device=device)
     if step == 1:
-        values = _evaluate(sdf_fn, grid_points(grid_size, device=device), chunk).reshape((grid_size,) * 3)
+        values = _evaluate(sdf_fn, grid_points(grid_size, device=device), chunk)
+        if corner_colors is not None:
+            values = values.reshape(-1, 4)
+            corner_colors.append((_unravel(torch.arange(grid_size ** 3, device=device), grid_size), values[:, 1:]))
+            values = values[:, 0]
+        values = values.reshape((grid_size,) * 3)
         stats["queries"] = grid_size ** 3
         return (F.pad(values, (1,) * 6, value=-1.0) if padded else values), None
 
@@ -197,7 +220,7 @@ def sdf_grid(sdf_fn: FieldFn, grid_size: int, *, method: Literal["narrowband", "
     extra = torch.arange(grid_size, fine_n, device=device, dtype=torch.float32) * scale - 1.0
     axis = torch.cat([axis, extra])  # (fine_n,): fine index -> coordinate (the same along x, y and z)
     level = _Level(torch.empty((n,) * 3, device=device), torch.zeros((n,) * 3, dtype=torch.bool, device=device),
-                   step, 0, axis)
+                   step, 0, axis, corner_colors)
     queries = stats["coarse"] = level.query(sdf_fn, torch.arange(n ** 3, device=device), chunk)
     cells = _dilate(_sign_change_cells(level.values), coarse_dilate) if coarse_dilate else None
     while level.step > 1:
@@ -253,7 +276,7 @@ def _refine(level: _Level, grid_size: int, cells: torch.Tensor | None) -> tuple[
     todo = torch.zeros((m,) * 3, dtype=torch.bool, device=values.device)
     todo.view(-1)[_ravel(pts, m)] = True
     todo &= ~exact
-    return _Level(values, exact, step, shift, level.axis), todo.view(-1).nonzero()[:, 0]
+    return _Level(values, exact, step, shift, level.axis, level.colors), todo.view(-1).nonzero()[:, 0]
 
 
 def _box_face_candidates(level: _Level, grid_size: int) -> torch.Tensor:
@@ -273,13 +296,14 @@ def _box_face_candidates(level: _Level, grid_size: int) -> torch.Tensor:
 
 
 def marching_cubes(grid: torch.Tensor | np.ndarray, *, official_scale: bool = False,
-                   mask: torch.Tensor | np.ndarray | None = None,
-                   padded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   mask: torch.Tensor | np.ndarray | None = None, padded: bool = False,
+                   index_out: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(G, G, G) SDF grid (positive inside) -> vertices (V, 3) float32 in [-1, 1]³, faces (F, 3) int32 CCW
     from outside. Pads with −1 like the official code (``padded=True``: the grid already is the (G+2)³ padded
     one); empty arrays when there is no surface. ``mask`` (same shape as ``grid``) bool: only cells whose lowest
     corner is True are visited (skimage's ``mask``); pass ``exact`` from ``sdf_grid``: every sign-change cell of a
-    narrowband grid has all 8 corners exact, so the mask never drops a triangle."""
+    narrowband grid has all 8 corners exact, so the mask never drops a triangle. ``index_out`` (a list) receives
+    the vertices in padded-grid index units (V, 3) float64, for looking up their edge's corners."""
     from skimage.measure import marching_cubes as sk_marching_cubes
 
     g = grid.detach().float().cpu().numpy() if isinstance(grid, torch.Tensor) else np.asarray(grid, np.float32)
@@ -297,6 +321,8 @@ def marching_cubes(grid: torch.Tensor | np.ndarray, *, official_scale: bool = Fa
         sk_mask = None if sk_mask is None else np.pad(sk_mask, 1, mode="constant", constant_values=True)
     size = g.shape[0] - 2
     verts, faces, _normals, _values = sk_marching_cubes(g, level=0.0, mask=sk_mask, method=MC_METHOD)
+    if index_out is not None:
+        index_out.append(verts.astype(np.float64))
     if official_scale:
         verts = verts / (size + 1) * 2.0 - 1.0  # the official mapping through the padded size
     else:
@@ -312,39 +338,98 @@ def marching_cubes(grid: torch.Tensor | np.ndarray, *, official_scale: bool = Fa
     return verts.astype(np.float32), faces.astype(np.int32)
 
 
+def resolve_vertex_colors(mode: str, grid_size: int) -> str:
+    if mode not in ("auto", "query", "interpolate"):
+        raise EngineError(f"unknown vertex colour mode {mode!r}", "use 'auto', 'query' or 'interpolate'")
+    if mode == "auto":
+        return "interpolate" if grid_size >= INTERPOLATE_FROM_GRID else "query"
+    return mode
+
+
+def interpolate_corner_colors(index_verts: np.ndarray, corner_colors: list, grid_size: int
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """Vertex colours from the colours queried at grid corners.
+
+    index_verts (V, 3): marching-cubes vertices in padded-grid index units (two coordinates whole, the third at
+    a + t along its edge); corner_colors: ``sdf_grid``'s list of (fine index (M, 3), colour (M, 3)). Returns
+    (colours (V, 3) float32, missing (V,) bool: vertices none of whose edge ends was queried; colour 0 there)."""
+    fine = torch.cat([f for f, _ in corner_colors]).cpu()
+    rgb = torch.cat([c for _, c in corner_colors]).float().cpu()
+    inside = ((fine >= 0) & (fine < grid_size)).all(1)  # coarse lattices may overhang the box
+    fine, rgb = fine[inside], rgb[inside]
+    n = grid_size + 2
+    keys, order = torch.sort(_ravel(fine + 1, n))  # padded flat index of every queried point
+    rgb = rgb[order].numpy()
+    keys = keys.numpy()
+    base = np.floor(index_verts)
+    frac = index_verts - base
+    axis = frac.argmax(1)  # the edge's direction (any axis when the vertex sits on a grid point: t = 0)
+    t = frac[np.arange(len(frac)), axis][:, None]
+    a = base.astype(np.int64)
+    b = a.copy()
+    b[np.arange(len(b)), axis] += 1
+    flat = lambda ijk: (ijk[:, 0] * n + ijk[:, 1]) * n + ijk[:, 2]  # noqa: E731
+    colors, weight = np.zeros((len(a), 3), np.float64), np.zeros((len(a), 1), np.float64)
+    for ends, w in ((a, 1.0 - t), (b, t)):
+        key = flat(ends)
+        pos = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+        found = (keys[pos] == key)[:, None] & (w > 0)
+        colors += np.where(found, w * rgb[pos], 0.0)
+        weight += np.where(found, w, 0.0)
+    missing = weight[:, 0] <= 0
+    colors = np.where(missing[:, None], 0.0, colors / np.maximum(weight, 1e-12))  # a border cap: its inner end
+    return colors.astype(np.float32), missing
+
+
 def extract_mesh_from_field(sdf_fn: FieldFn, grid_size: int = 64, *, color_fn: FieldFn | None = None,
+                            sdf_color_fn: FieldFn | None = None, vertex_colors: str = "query",
                             method: Literal["narrowband", "dense"] = "narrowband", official_scale: bool = False,
                             device=None, chunk: int = DEFAULT_CHUNK, coarse_step: int | None = None,
                             coarse_dilate: int = 0, stats: dict | None = None) -> MeshRecord:
     """Any SDF (points (M, 3) -> (M,), positive inside) -> MeshRecord. ``color_fn`` gives linear RGB (M, 3) at
-    the final vertex positions (default: grey). No surface -> ``MeshRecord(empty=True)`` with zero vertices.
-    ``stats`` (optional dict) receives query counts and the seconds spent in each stage."""
+    the final vertex positions (default: grey). ``vertex_colors='interpolate'`` (or 'auto', see the module
+    docstring) with ``sdf_color_fn`` (points -> (M, 4): SDF and the same colour in one pass) takes the colours at
+    the grid corners instead and interpolates them along each vertex's edge. No surface ->
+    ``MeshRecord(empty=True)`` with zero vertices. ``stats`` (optional dict) receives query counts and the
+    seconds spent in each stage."""
     stats = stats if stats is not None else {}
+    mode = resolve_vertex_colors(vertex_colors, grid_size)
+    corner_colors = [] if mode == "interpolate" and sdf_color_fn is not None and color_fn is not None else None
     on_cpu = device is None or torch.device(device).type == "cpu"
     with _one_intra_op_thread() if on_cpu else contextlib.nullcontext():
         t0 = time.perf_counter()
-        grid, exact = sdf_grid(sdf_fn, grid_size, method=method, device=device, chunk=chunk,
-                               coarse_step=coarse_step, coarse_dilate=coarse_dilate, stats=stats, padded=True)
+        grid, exact = sdf_grid(sdf_fn if corner_colors is None else sdf_color_fn, grid_size, method=method,
+                               device=device, chunk=chunk, coarse_step=coarse_step, coarse_dilate=coarse_dilate,
+                               stats=stats, padded=True, corner_colors=corner_colors)
         t1 = time.perf_counter()
-        verts, faces = marching_cubes(grid, official_scale=official_scale, mask=exact, padded=True)
+        index_verts = []
+        verts, faces = marching_cubes(grid, official_scale=official_scale, mask=exact, padded=True,
+                                      index_out=index_verts)
         del grid, exact
         t2 = time.perf_counter()
-        stats.update(sdf_seconds=t1 - t0, mc_seconds=t2 - t1, color_queries=0, color_seconds=0.0)
+        stats.update(sdf_seconds=t1 - t0, mc_seconds=t2 - t1, color_queries=0, color_seconds=0.0,
+                     vertex_colors="query" if corner_colors is None else "interpolate")
         if len(faces) == 0:
             return MeshRecord(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 3)), grid_size=grid_size,
                               empty=True)
         if color_fn is None:
             colors = np.broadcast_to(np.asarray(DEFAULT_GREY, np.float32), verts.shape)
         else:
-            pts = torch.from_numpy(verts).to(device=device if device is not None else "cpu")
-            colors = _evaluate(color_fn, pts, chunk).reshape(-1, 3).clamp(0.0, 1.0).cpu().numpy()
-            stats.update(color_queries=len(pts), color_seconds=time.perf_counter() - t2)
+            if corner_colors is not None:
+                colors, todo = interpolate_corner_colors(index_verts[0], corner_colors, grid_size)
+            else:
+                colors, todo = np.zeros(verts.shape, np.float32), np.ones(len(verts), bool)
+            if todo.any():  # queried: every vertex in 'query' mode, none in practice when interpolating
+                pts = torch.from_numpy(verts[todo]).to(device=device if device is not None else "cpu")
+                colors[todo] = _evaluate(color_fn, pts, chunk).reshape(-1, 3).cpu().numpy()
+            colors = np.clip(colors, 0.0, 1.0)
+            stats.update(color_queries=int(todo.sum()), color_seconds=time.perf_counter() - t2)
     return MeshRecord(verts, faces, colors, grid_size=grid_size)
 
 
 def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None, grid_size: int | None = None,
-                      threads: int | None = None) -> tuple[FieldFn, FieldFn]:
-    """(sdf_fn, linear colour_fn) of one latent (d_latent,). The projection runs where the decoder lives; the
+                      threads: int | None = None) -> tuple[FieldFn, FieldFn, FieldFn]:
+    """(sdf_fn, linear colour_fn, sdf_color_fn (M, 4): both in one pass) of one latent (d_latent,). The projection runs where the decoder lives; the
     small per-latent weights then move to ``device``. On the CPU the fields use ``PackedField`` (one GEMM per
     layer, fused swish, and per-axis layer-0 tables for the points of the ``grid_size`` grid); on CUDA
     ``query_field`` under fp16 autocast. ``threads``: the CPU field's worker threads (default: torch's setting)."""
@@ -359,7 +444,13 @@ def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None, grid_size: 
     if device.type == "cpu":
         lattice = grid_points_axis(grid_size, device=device) if grid_size else None
         packed = PackedField(params, static, lattice=lattice, threads=threads)
-        return packed.sdf, lambda points: srgb_to_linear(packed.stf_rgb(points))
+
+        def packed_sdf_color(points: torch.Tensor) -> torch.Tensor:
+            out = packed.sdf_rgb(points)
+            out[:, 1:] = srgb_to_linear(out[:, 1:])
+            return out
+
+        return packed.sdf, lambda points: srgb_to_linear(packed.stf_rgb(points)), packed_sdf_color
 
     def sdf_fn(points: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.float16):
@@ -370,14 +461,19 @@ def decoder_field_fns(decoder, latent: torch.Tensor, *, device=None, grid_size: 
             rgb = query_field(params, points[None], weights=static, outputs=("stf_rgb",))["stf_rgb"][0]
         return srgb_to_linear(rgb.float())
 
-    return sdf_fn, color_fn
+    def sdf_color_fn(points: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.float16):
+            out = query_field(params, points[None], weights=static, outputs=("sdf", "stf_rgb"))
+        return torch.cat([out["sdf"][0, :, None].float(), srgb_to_linear(out["stf_rgb"][0].float())], 1)
+
+    return sdf_fn, color_fn, sdf_color_fn
 
 
 @torch.no_grad()
 def extract_mesh(decoder, latent: torch.Tensor, *, grid_size: int = 64,
                  method: Literal["narrowband", "dense"] = "narrowband", official_scale: bool = False,
                  device=None, chunk: int = DEFAULT_CHUNK, coarse_step: int | None = None,
-                 coarse_dilate: int = 0, stats: dict | None = None) -> MeshRecord:
+                 coarse_dilate: int = 0, stats: dict | None = None, vertex_colors: str = "auto") -> MeshRecord:
     """latent (d_latent,) -> coloured MeshRecord (linear vertex colours; Z up, front −Y). fp16 autocast on CUDA."""
     latent = torch.as_tensor(latent)
     if latent.numel() != decoder.d_latent:
@@ -388,9 +484,10 @@ def extract_mesh(decoder, latent: torch.Tensor, *, grid_size: int = 64,
     dev = torch.device(device) if device is not None else next(decoder.parameters()).device
     threads = torch.get_num_threads()  # the field's workers; everything else runs on one thread (on the CPU)
     with _one_intra_op_thread() if dev.type == "cpu" else contextlib.nullcontext():
-        sdf_fn, color_fn = decoder_field_fns(decoder, latent.float(), device=device, grid_size=grid_size,
-                                             threads=threads)
-        mesh = extract_mesh_from_field(sdf_fn, grid_size, color_fn=color_fn, method=method,
+        sdf_fn, color_fn, sdf_color_fn = decoder_field_fns(decoder, latent.float(), device=device,
+                                                           grid_size=grid_size, threads=threads)
+        mesh = extract_mesh_from_field(sdf_fn, grid_size, color_fn=color_fn, sdf_color_fn=sdf_color_fn,
+                                       vertex_colors=vertex_colors, method=method,
                                        official_scale=official_scale, device=dev, chunk=chunk,
                                        coarse_step=coarse_step, coarse_dilate=coarse_dilate, stats=stats)
     mesh.latent = latent.detach().float().reshape(-1).cpu().numpy()

@@ -381,6 +381,16 @@ class PackedField:
         """(M, 3) -> (M,) tanh SDF, positive inside."""
         return self.raw(points, OUTPUT_SLOTS["sdf"], torch.tanh_)[:, 0]
 
+    def sdf_rgb(self, points: torch.Tensor) -> torch.Tensor:
+        """(M, 3) -> (M, 4): tanh SDF and STF colour (sRGB-space) from one pass (rows 0-5 of the last layer)."""
+        lo, hi = OUTPUT_SLOTS["stf_rgb"]
+
+        def act(y: torch.Tensor) -> None:
+            y[:, 0].tanh_()
+            y[:, lo:hi].sigmoid_()
+
+        return self.raw(points, (0, hi), act)[:, [0, *range(lo, hi)]]
+
     def stf_rgb(self, points: torch.Tensor) -> torch.Tensor:
         """(M, 3) -> (M, 3) STF colour after the sigmoid (sRGB-space values)."""
         return self.raw(points, OUTPUT_SLOTS["stf_rgb"], torch.sigmoid_)

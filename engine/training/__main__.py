@@ -3,6 +3,8 @@
     python -m engine.training reproduce --out runs/mini --device auto --preset gpu   # one H100: ~20 min in all
     python -m engine.training reproduce --out runs/mini --device cpu --preset cpu    # 2-core CPU: see PRESETS
     python -m engine.training export --out runs/mini                                 # only re-export
+    python -m engine.training reproduce --out runs/priors --preset gpu-priors --from-weights engine/weights/mini
+        # keep an exported CLIP + transmitter (e.g. after finetune_decoder) and retrain only encode + priors
 
 Each stage writes into its own folder under --out and is skipped when its final output already exists, so an
 interrupted reproduction resumes where it stopped (the running stage resumes from its checkpoint).
@@ -38,6 +40,11 @@ PRESETS: dict[str, dict] = {
         "encode": {"per_kind": 12, "cond_views": 3},
         "text_prior": {"steps": 1500, "batch": 256, "ema_decay": 0.995, "warmup": 100},
         "image_prior": {"steps": 1500, "batch": 256, "ema_decay": 0.995, "warmup": 100},
+    },
+    "gpu-priors": {  # with --from-weights: one H100 call of ~8 min (encode ~30 s, priors 0.017 s/step each)
+        "encode": {"per_kind": 32, "cond_views": 4},
+        "text_prior": {"steps": 12000, "batch": 256, "ema_decay": 0.999, "warmup": 300},
+        "image_prior": {"steps": 12000, "batch": 256, "ema_decay": 0.999, "warmup": 300},
     },
     "cpu": {  # estimated 6-10 h on a 2-core CPU (not run end to end; render-bound CLIP stage is the least certain)
         "clip": {"steps": 1500, "batch": 64},
@@ -82,8 +89,37 @@ def _jsonable(x):
     return x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x)
 
 
+def seed_from_weights(weights: str | Path, root: Path) -> dict:
+    """Write an exported folder's CLIP and transmitter as finished stage outputs of the run in ``root``.
+
+    The priors are trained on latents of exactly this encoder, so the result stays consistent with the decoder
+    (fine-tuned or not) that ships next to them. Returns the exported folder's training record.
+    """
+    from safetensors.torch import save_file
+
+    from engine.config import to_dict
+    from engine.mini_weights import bundles, load_mini
+
+    parts = load_mini("cpu", weights)  # verifies every SHA-256 first
+    manifest = parts["manifest"]
+    cfg = bundles(manifest)["text"]
+    for stage, module, name, extra in (
+            ("clip", parts["clip"], "clip", {"clip_config.json": to_dict(cfg.clip)}),
+            ("transmitter", parts["transmitter"], "transmitter",
+             {"transmitter_config.json": {"encoder": to_dict(cfg.encoder), "decoder": to_dict(cfg.decoder),
+                                          "training": {"from_weights": str(weights)}}})):
+        folder = root / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().contiguous() for k, v in module.state_dict().items()},
+                  str(folder / f"{name}.safetensors"))
+        for fname, blob in extra.items():
+            (folder / fname).write_text(json.dumps(blob, indent=2))
+        _mark(folder, {"from_weights": str(weights)})
+    return manifest.get("training", {})
+
+
 def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to: str | None = None,
-              seed: int = 0) -> dict:
+              seed: int = 0, from_weights: str | None = None) -> dict:
     from . import train_clip
     from .encode_dataset import ClipEmbedder, clip_conditioner, encode_dataset, load_transmitter
     from .export import export_mini
@@ -102,16 +138,24 @@ def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to:
         record["gpu"] = torch.cuda.get_device_name(dev)
     record["host"] = platform.node()
     t_all = time.time()
+    if from_weights:
+        previous = seed_from_weights(from_weights, root)
+        record["from_weights"] = str(from_weights)
+        for key in ("clip", "transmitter", "decoder_finetune"):
+            if key in previous:
+                record[key] = previous[key]
 
     def save_record():
         rec_path.write_text(json.dumps(record, indent=2, default=str))
 
-    c = p["clip"]
+    if not from_weights and not {"clip", "transmitter"} <= set(p):
+        raise SystemExit(f"preset {preset!r} trains only the priors: pass --from-weights")
+    c = p.get("clip", {})
     _stage("clip", root / "clip" / "done", lambda: _mark(root / "clip", train_clip.main(
         ["--out", str(root / "clip"), "--steps", str(c["steps"]), "--batch", str(c["batch"]), "--device", device,
          "--seed", str(seed), "--bank", str(c.get("bank", 0))] + (["--resume"] if (root / "clip" / "checkpoint.pt").exists() else []))), record)
     save_record()
-    tcfg = TransmitterTrainConfig(seed=seed, **p["transmitter"])
+    tcfg = TransmitterTrainConfig(seed=seed, **p.get("transmitter", {}))
     _stage("transmitter", root / "transmitter" / "done", lambda: _mark(root / "transmitter", train_transmitter(
         str(root / "transmitter"), tcfg, device=device, resume=True)), record)
     save_record()
@@ -156,12 +200,15 @@ def main(argv=None) -> None:
     r.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
     r.add_argument("--export-to", default=None, help=f"default: {DEFAULT_EXPORT}")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--from-weights", default=None,
+                   help="exported mini folder whose CLIP + transmitter are kept (only encode + priors are trained)")
     x = sub.add_parser("export", help="export a finished run")
     x.add_argument("--out", default="runs/mini")
     x.add_argument("--export-to", default=None)
     a = ap.parse_args(argv)
     if a.cmd == "reproduce":
-        reproduce(a.out, device=a.device, preset=a.preset, export_to=a.export_to, seed=a.seed)
+        reproduce(a.out, device=a.device, preset=a.preset, export_to=a.export_to, seed=a.seed,
+                  from_weights=a.from_weights)
     else:
         from .export import export_mini
 

@@ -267,3 +267,64 @@ def test_bad_inputs(decoder):
         extract_mesh_from_field(_sphere(0.5), 16, method="bogus")
     with pytest.raises(EngineError):
         marching_cubes(np.full((4, 4, 4), np.nan, np.float32))
+
+
+def _with_color(sdf, color):
+    return lambda p: torch.cat([sdf(p)[:, None], color(p)], 1)
+
+
+@pytest.mark.parametrize("method,grid,radius", [("dense", 24, 0.5), ("narrowband", 40, 0.55), ("narrowband", 40, 1.3)])
+def test_interpolated_vertex_colours_equal_queried_ones_for_a_linear_field(method, grid, radius):
+    """Colour linear in position: interpolating the corner colours along each edge is exact, also for the caps
+    on the box faces (radius 1.3 pokes through all six), which take their inner corner's colour; the geometry
+    is the query path's."""
+    sdf, color = _sphere(radius, (0.05, -0.1, 0.0)), (lambda p: (p + 1) / 2.2 + 0.02)
+    stats = {}
+    fast = extract_mesh_from_field(sdf, grid, color_fn=color, sdf_color_fn=_with_color(sdf, color),
+                                   vertex_colors="interpolate", method=method, stats=stats)
+    slow = extract_mesh_from_field(sdf, grid, color_fn=color, method=method, vertex_colors="query")
+    assert stats["vertex_colors"] == "interpolate" and stats["color_queries"] == 0
+    np.testing.assert_array_equal(fast.faces, slow.faces)
+    np.testing.assert_allclose(fast.vertices, slow.vertices, atol=1e-6)
+    caps = (np.abs(slow.vertices) >= 1 - 1e-6).any(1)
+    assert caps.any() == (radius > 1)
+    np.testing.assert_allclose(fast.vertex_colors[~caps], slow.vertex_colors[~caps], atol=2e-6)
+    # a cap vertex lies at most one voxel outside its inner corner: colour gradient 1/2.2 per unit
+    assert np.abs(fast.vertex_colors[caps] - slow.vertex_colors[caps]).max(initial=0) <= 2 / (grid - 1) / 2.2
+
+
+def test_vertex_colour_mode_auto_and_bad_mode(decoder):
+    from engine.geometry.extract import resolve_vertex_colors
+
+    assert resolve_vertex_colors("auto", 64) == "query" and resolve_vertex_colors("auto", 128) == "interpolate"
+    with pytest.raises(EngineError, match="vertex colour mode"):
+        extract_mesh(decoder, torch.from_numpy(NPZ["latent"]), grid_size=16, vertex_colors="fast")
+
+
+def test_shipped_model_interpolated_colours_within_a_few_levels():
+    """On a trained field (the embedded model) the interpolated colours differ from queried ones by well under one
+    8-bit level on average (measured: mean 0.40, p99 2.1, max 6.1 levels over 6 objects at grid 128)."""
+    from engine.colors import linear_to_srgb
+    from engine.mini_weights import load_mini
+
+    decoder = load_mini("cpu")["decoder"]
+    g = torch.Generator().manual_seed(3)
+    lat = torch.randn(decoder.d_latent, generator=g).clamp(-1, 1) * 0.5  # a latent the tanh bottleneck can give
+    meshes = {m: extract_mesh(decoder, lat, grid_size=96, vertex_colors=m) for m in ("query", "interpolate")}
+    assert len(meshes["query"].faces) > 1000
+    srgb = {m: linear_to_srgb(torch.from_numpy(np.asarray(r.vertex_colors))).numpy() * 255 for m, r in meshes.items()}
+    diff = np.abs(srgb["query"] - srgb["interpolate"]).max(1)
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) < 6.0, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_packed_field_sdf_rgb_is_sdf_and_colour_in_one_pass(decoder):
+    from engine.models.implicit_decoder import PackedField
+
+    params = decoder.project(torch.from_numpy(NPZ["latent"]).reshape(1, -1))
+    packed = PackedField(params, decoder.static_weights(), threads=1)
+    pts = torch.rand(700, 3) * 2 - 1
+    both = packed.sdf_rgb(pts)
+    # another last-layer GEMM shape rounds differently; the steep fixture SDF amplifies that (PackedField docs)
+    torch.testing.assert_close(both[:, 0], packed.sdf(pts), atol=1e-3, rtol=0)
+    torch.testing.assert_close(both[:, 1:], packed.stf_rgb(pts), atol=1e-3, rtol=0)
+    assert (both[:, 0] - packed.sdf(pts)).abs().median() < 1e-6

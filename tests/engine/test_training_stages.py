@@ -276,3 +276,25 @@ def test_export_refuses_missing_stage(tmp_path):
     with pytest.raises(EngineError, match="missing stage outputs"):
         export_mini(tmp_path, tmp_path / "w")
     assert not (tmp_path / "w" / "mini.json").exists()
+
+
+def test_reproduce_priors_only_from_shipped_weights(tmp_path):
+    """--from-weights keeps the exported CLIP and transmitter bit for bit and retrains only encode + priors."""
+    from safetensors.torch import load_file
+
+    from engine.mini_weights import MINI_DIR, load_mini
+    from engine.training.__main__ import reproduce
+
+    with pytest.raises(SystemExit, match="--from-weights"):
+        reproduce(str(tmp_path / "refused"), device="cpu", preset="gpu-priors")
+    export = tmp_path / "export"
+    record = reproduce(str(tmp_path / "run"), device="cpu", preset="smoke", export_to=str(export),
+                       from_weights=str(MINI_DIR))
+    assert record["from_weights"] == str(MINI_DIR) and "decoder_finetune" in record
+    assert record["text_prior"]["result"]["steps"] == 2
+    for name in ("clip.safetensors", "transmitter.safetensors", "text_prior.safetensors"):
+        old, new = load_file(str(MINI_DIR / name)), load_file(str(export / name))
+        same = all(torch.equal(old[k], new[k]) for k in old)
+        assert same == (name != "text_prior.safetensors"), name
+    parts = load_mini("cpu", export)  # SHA-256 verified
+    assert parts["manifest"]["training"]["from_weights"] == str(MINI_DIR)
