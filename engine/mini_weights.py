@@ -56,15 +56,13 @@ def _state(directory: Path, name: str, device) -> dict[str, torch.Tensor]:
 
 
 def _build_clip(cfg):
-    try:
-        from .conditioning.clip import build_open_clip
-    except ImportError:  # the conditioner module is optional for the loader; same open_clip architecture
-        from .training.train_clip import build_clip as build_open_clip
-    return build_open_clip(cfg)
+    from .conditioning.clip_model import build_clip
+
+    return build_clip(cfg)
 
 
 def load_mini(device: torch.device | str = "cpu", directory: str | Path = MINI_DIR) -> dict:
-    """Verified mini model: {'clip': open_clip CLIP, 'transmitter': Transmitter, 'decoder': ImplicitDecoder,
+    """Verified mini model: {'clip': ClipModel, 'transmitter': Transmitter, 'decoder': ImplicitDecoder,
     'text_prior': LatentPrior, 'image_prior': LatentPrior, 'configs': {'text'|'image': ModelBundleConfig},
     'manifest': dict}; all modules in eval mode on ``device``."""
     from .models.latent_transformer import LatentPrior
@@ -81,8 +79,7 @@ def load_mini(device: torch.device | str = "cpu", directory: str | Path = MINI_D
     transmitter.load_state_dict(_state(directory, "transmitter.safetensors", "cpu"))
     priors = {}
     for mode, cfg in (("text", text), ("image", image)):
-        prior = LatentPrior(cfg.prior, device="meta")
-        prior = prior.to_empty(device="cpu")
+        prior = LatentPrior(cfg.prior)  # small: a plain build costs ~20 ms (meta + to_empty imports sympy, ~1 s)
         prior.load_state_dict(_state(directory, f"{mode}_prior.safetensors", "cpu"))
         priors[mode] = prior
     mods = {"clip": clip, "transmitter": transmitter, "text_prior": priors["text"], "image_prior": priors["image"]}

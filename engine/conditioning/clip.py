@@ -1,6 +1,9 @@
-"""CLIP conditioning through open_clip: text embeddings, image embeddings and the image grid (SHAP-E.md §7).
+"""CLIP conditioning: text embeddings, image embeddings and the image grid (SHAP-E.md §7).
 
-The only module of the engine that imports ``open_clip``. Behaviour follows the official ``FrozenImageCLIP``
+open_clip provides the tokenizer (its ``tokenizer`` module, loaded on its own so that the package's heavy
+imports are skipped) and, for training and the parity tests, the ``CLIP`` module (``build_open_clip``). Inference
+runs the same network as ``engine.conditioning.clip_model.ClipModel`` (same parameter names; see that module for
+the measured reason). Behaviour follows the official ``FrozenImageCLIP``
 (OpenAI ``clip`` package, ViT-L/14):
 
 * Text: ``clip.tokenize(prompts, truncate=True)`` - 77 tokens, SOT ... EOT, zero padding; a longer prompt keeps its
@@ -13,7 +16,8 @@ The only module of the engine that imports ``open_clip``. Behaviour follows the 
   the projection, class token dropped, channels first: (B, vision_width, grid_tokens).
 
 Weights: an OpenAI-format state dict (the official ``ViT-L-14.pt`` TorchScript file, the fixture ``clip_tiny``, the
-mini model's ``clip.safetensors``) or an open_clip one; both use the same key names in open_clip's ``CLIP``.
+mini model's ``clip.safetensors``) or an open_clip one; both use the same key names as open_clip's ``CLIP`` and
+``ClipModel``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from ..config import ClipConfig
 from ..records import EngineError
+from .clip_model import ClipModel, build_clip
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,26 +98,13 @@ def normalize_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _load_weights(cfg: ClipConfig, sd: Mapping[str, torch.Tensor]):
+def _load_weights(cfg: ClipConfig, sd: Mapping[str, torch.Tensor]) -> ClipModel:
     """Build on the meta device and adopt the loaded tensors (no random init of ~430M parameters, no 2x RAM)."""
     from ..checkpoints import load_strict
 
-    sd = normalize_state_dict(sd)
-    model = build_open_clip(cfg, device="meta")
-    load_strict(model, {k: v.float() for k, v in sd.items()}, what=f"CLIP ({cfg.arch})", assign=True)
-    # Non-persistent buffers (the text causal mask) are not in a state dict: rebuild them on the CPU.
-    for name, buf in list(model.named_buffers()):
-        if buf.device.type == "meta":
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
-            if attr == "attn_mask" and hasattr(owner, "build_causal_mask"):
-                with torch.device("cpu"):
-                    owner.register_buffer("attn_mask", owner.build_causal_mask(), persistent=False)
-            elif attr == "attn_mask" and hasattr(model, "transformer"):
-                mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
-                owner.register_buffer("attn_mask", mask, persistent=False)
-            else:  # pragma: no cover - a future open_clip with another non-persistent buffer
-                raise EngineError(f"CLIP buffer {name} has no loaded value", "report this open_clip version")
+    model = build_clip(cfg, device="meta")
+    load_strict(model, {k: v.float() for k, v in normalize_state_dict(sd).items()}, what=f"CLIP ({cfg.arch})",
+                assign=True)
     return model
 
 
@@ -132,9 +124,37 @@ def missing_weights_error(path: Path | None = None) -> EngineError:
 # Tokens and images
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer_module():
+    """open_clip's ``tokenizer`` module without running the package ``__init__`` (which imports torchvision and
+    transformers, ~4.7 s); the module itself only needs ftfy, regex, numpy and torch. Falls back to the normal
+    import when open_clip is already loaded or its layout differs."""
+    import importlib.util
+    import sys
+
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"].tokenizer
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return _open_clip().tokenizer  # raises the install hint
+    path = Path(list(spec.submodule_search_locations)[0]) / "tokenizer.py"
+    try:
+        mspec = importlib.util.spec_from_file_location("_shap_e_open_clip_tokenizer", path)
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+        module.SimpleTokenizer  # noqa: B018 - the class this module needs
+        return module
+    except Exception:  # pragma: no cover - a future open_clip whose tokenizer imports its package
+        return _open_clip().tokenizer
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(context_length: int):
-    return _open_clip().tokenizer.SimpleTokenizer(context_length=context_length)
+    module = _tokenizer_module()
+    shared = getattr(module, "_tokenizer", None)  # the module builds a default one at import (~0.2 s each)
+    if isinstance(shared, module.SimpleTokenizer) and getattr(shared, "context_length", None) == context_length:
+        return shared
+    return module.SimpleTokenizer(context_length=context_length)
 
 
 def tokenize(prompts: Sequence[str], context_length: int = 77) -> tuple[torch.Tensor, list[bool]]:
@@ -246,6 +266,10 @@ class ClipConditioner:
         device = torch.device(device)
         if dtype == torch.float16 and device.type != "cuda":
             raise EngineError("CLIP in float16 needs a CUDA device", "use float32 on the CPU")
+        if not isinstance(model, ClipModel):  # e.g. an open_clip CLIP from training: same keys, same network
+            tower = build_clip(cfg)
+            tower.load_state_dict(model.state_dict(), strict=True)
+            model = tower
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
@@ -261,7 +285,7 @@ class ClipConditioner:
 
             weights = cache_dir() / CLIP_FILE
         if weights is None:
-            return cls(cfg, build_open_clip(cfg), device=device, dtype=dtype)
+            return cls(cfg, build_clip(cfg), device=device, dtype=dtype)
         if isinstance(weights, (str, Path)):
             path = Path(weights)
             if not path.is_file():
@@ -312,16 +336,7 @@ class ClipConditioner:
     @torch.no_grad()
     def embed_image_grid(self, images) -> torch.Tensor:
         """(B, vision_width, grid_tokens) float32: visual tokens after the transformer, before ln_post, no CLS."""
-        vt = self.model.visual
-        x = vt.conv1(self._pixels(images))  # (B, W, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
-        cls_tok = vt.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls_tok, x], dim=1) + vt.positional_embedding.to(x.dtype)  # (B, 1 + g*g, W)
-        x = vt.ln_pre(x)
-        if getattr(vt.transformer, "batch_first", True):
-            x = vt.transformer(x)
-        else:  # older open_clip: sequence-first blocks
-            x = vt.transformer(x.transpose(0, 1)).transpose(0, 1)
+        x = self.model.visual.tokens(self._pixels(images))  # (B, 1 + g*g, W)
         return x[:, 1:].transpose(1, 2).float().contiguous()  # (B, W, g*g)
 
     @property
@@ -333,5 +348,5 @@ class ClipConditioner:
         return f"ClipConditioner({self.cfg.arch}, {n / 1e6:.1f}M params, {self.device}, {self.dtype})"
 
 
-__all__ = ["ClipConditioner", "build_open_clip", "load_image", "normalize_state_dict", "preprocess_image",
+__all__ = ["ClipConditioner", "build_clip", "build_open_clip", "load_image", "normalize_state_dict", "preprocess_image",
            "tokenize", "missing_weights_error", "CLIP_MEAN", "CLIP_STD"]

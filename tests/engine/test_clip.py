@@ -176,3 +176,38 @@ def test_fp16_on_cuda_close_to_fp32(ref, images):
     assert emb.dtype == torch.float32
     np.testing.assert_allclose(emb.cpu().numpy(), ref["text_emb"], atol=5e-3)
     np.testing.assert_allclose(clip16.embed_image_grid(images).cpu().numpy(), ref["image_grid"], atol=5e-2)
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_inference_towers_equal_open_clip(quick_gelu):
+    """ClipModel (inference, no open_clip import) has open_clip CLIP's exact keys and shapes and, with its
+    weights, the same text / image embeddings and visual tokens, bit for bit."""
+    import dataclasses
+
+    from engine.conditioning.clip_model import build_clip
+
+    cfg = dataclasses.replace(tiny_config(), quick_gelu=quick_gelu)
+    torch.manual_seed(0)
+    ref = build_open_clip(cfg).eval()
+    ours = build_clip(cfg).eval()
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert {k: tuple(v.shape) for k, v in ref_sd.items()} == {k: tuple(v.shape) for k, v in our_sd.items()}
+    ours.load_state_dict(ref_sd, strict=True)
+    tokens, _ = tokenize(["a red cube", "a small green torus with a long caption " * 3, ""], cfg.context_length)
+    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        assert torch.equal(ref.encode_text(tokens), ours.encode_text(tokens))
+        assert torch.equal(ref.encode_image(pixels), ours.encode_image(pixels))
+        assert not torch.isnan(build_clip(cfg).encode_text(tokens)).any()  # random init is usable too
+
+
+def test_mini_text_generation_does_not_import_open_clip_package():
+    """The cold-start saving: tokenizer module loaded on its own, towers from clip_model (no torchvision)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.registry import load; m = load('mini', 'text', 'cpu'); "
+            "m.clip.embed_text(['a red cube']); "
+            "print(sorted(k for k in ('open_clip', 'torchvision', 'transformers') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
