@@ -115,7 +115,11 @@ def sdf_samples(specs: list[ObjectSpec], generator: torch.Generator, *, n_surfac
 
 
 def farthest_point_sampling(points: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batched FPS: points (B, N, 3) -> indices (B, k); the start point is random (generator) or index 0."""
+    """Batched FPS: points (B, N, 3) -> indices (B, k); the start point is random (generator) or index 0.
+
+    The training variant: a whole batch of clouds at once, on the training device. Inference (one user mesh of
+    up to ~10^5 points, official tie rule) uses ``engine.render.pointcloud.farthest_point_sampling`` instead, a
+    block-pruned numpy search that would be slower per batch on a GPU; both give greedy farthest-point orders."""
     B, N, _ = points.shape
     idx = torch.empty(B, k, dtype=torch.long, device=points.device)
     if generator is None:

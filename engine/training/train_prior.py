@@ -52,6 +52,7 @@ class PriorTrainConfig:
     amp: str = "auto"
     log_every: int = 50
     ckpt_every: int = 1000
+    init: str = ""  # a prior.safetensors to start from (fine-tuning) instead of the random init
 
 
 class LatentSet:
@@ -163,6 +164,10 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
     init = torch.Generator().manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = LatentPrior(pcfg)  # initialised on the CPU (CPU generator), then moved
     model.init_weights(init)
+    if tcfg.init:  # continue from trained weights (the EMA starts from them too)
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(tcfg.init).items()}, strict=True)
     model.to(dev)
     opt = loop.build_optimizer(model, tcfg.lr, tcfg.weight_decay)
     sched = loop.warmup_cosine(opt, tcfg.warmup, tcfg.steps)
@@ -233,6 +238,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", default="", help="prior.safetensors to fine-tune from")
     return p.parse_args(argv)
 
 
@@ -240,7 +246,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     tcfg = PriorTrainConfig(cond=a.cond, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup,
                             ema_decay=a.ema_decay, min_snr_gamma=a.min_snr_gamma, seed=a.seed, amp=a.amp,
-                            log_every=a.log_every, ckpt_every=a.ckpt_every)
+                            log_every=a.log_every, ckpt_every=a.ckpt_every, init=a.init)
     return train_prior(a.data, a.out, tcfg, device=a.device, resume=a.resume)
 
 
