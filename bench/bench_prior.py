@@ -199,6 +199,25 @@ def worker(args) -> dict:
     return res
 
 
+def gemm_ceiling(device: str, threads: int) -> float:
+    """GFLOP/s of one plain fp32 GEMM of the prior's biggest shape (2052 x 1024 @ 1024 x 4096: the MLP's c_fc at
+    batch 2), best of 5: the rate neither implementation can beat in fp32 on this machine."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    a, w = torch.randn(2052, 1024, device=dev), torch.randn(4096, 1024, device=dev)
+    best = float("inf")
+    for _ in range(6):
+        _sync(dev)
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2052 * 1024 * 4096 / best / 1e9
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # driver side
 
@@ -221,17 +240,24 @@ def _table(results: dict[str, dict], args) -> str:
             f"{'load s':>7}")
     rows.append(head)
     for impl, r in results.items():
+        if impl == "_ceiling":
+            continue
         best = min(r["forward_s"])
         vram = f"{r['peak_vram_mb']:.0f}" if r["peak_vram_mb"] is not None else "-"
         rows.append(f"{impl:<10} {best:>10.3f} {min(r['cpu_s']):>8.2f} {r['gflop'] / best:>9.1f} "
                     f"{r['peak_rss_mb']:>12.0f} {vram:>13} "
                     f"{r['load_s']:>7.1f}")
+    ceiling = results.get("_ceiling")
+    if ceiling:
+        rows.append(f"fp32 GEMM ceiling on this machine (one {ceiling['shape']} GEMM): {ceiling['gflops']:.1f} GFLOP/s; "
+                    + ", ".join(f"{impl} at {r['gflop'] / min(r['forward_s']) / ceiling['gflops']:.0%} of it"
+                                for impl, r in results.items() if impl != "_ceiling"))
     if {"ours", "diffusers"} <= results.keys():
         ratio = min(results["ours"]["forward_s"]) / min(results["diffusers"]["forward_s"])
         cpu = min(results["ours"]["cpu_s"]) / min(results["diffusers"]["cpu_s"])
         rows.append(f"ratio ours/diffusers: wall time {ratio:.3f}, process CPU time {cpu:.3f}")
     for impl, r in results.items():
-        for s in r.get("sampling", []):
+        for s in (r.get("sampling", []) if impl != "_ceiling" else []):
             label = (f"EXTRAPOLATED from {s['calls_timed']} of {s['calls_total']} calls" if s["extrapolated"]
                      else f"measured, {s['calls_total']} calls")
             vram = f", peak VRAM {s['peak_vram_mb']:.0f} MB" if s["peak_vram_mb"] is not None else ""
@@ -272,6 +298,8 @@ def main(argv=None) -> None:
             else:
                 results[impl] = r
     first = next(iter(results.values()))
+    if first["device"] == "cpu":
+        results["_ceiling"] = {"gflops": gemm_ceiling("cpu", args.threads), "shape": "2052x1024 @ 1024x4096"}
     print(f"Shap-E {args.cond} prior, full size, batch {args.batch}, {first['device']}, "
           f"{'fp16 autocast' if first['device'].startswith('cuda') else 'fp32'}, {first['threads']} threads, "
           f"{first['gflop']:.0f} GFLOP/forward, load avg {first['loadavg']:.1f}; best of "
