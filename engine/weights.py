@@ -286,7 +286,7 @@ def ensure_file(name: str, *, offline: bool | None = False, progress: Progress |
         if verify_file(dest, entry.sha256, should_cancel=should_cancel):
             return dest
         raise EngineError(f"{dest} exists but its SHA-256 is not the official {entry.sha256}",
-                          f"delete it (it is damaged or another file) and download it again, or "
+                          "delete it (it is damaged or another file) and download it again, or "
                           + manual_instructions(entry.url, entry.sha256, dest))
     return download(entry.url, dest, sha256=entry.sha256, progress=progress, should_cancel=should_cancel,
                     offline=offline)

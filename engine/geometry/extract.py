@@ -368,10 +368,9 @@ def interpolate_corner_colors(index_verts: np.ndarray, corner_colors: list, grid
     a = base.astype(np.int64)
     b = a.copy()
     b[np.arange(len(b)), axis] += 1
-    flat = lambda ijk: (ijk[:, 0] * n + ijk[:, 1]) * n + ijk[:, 2]  # noqa: E731
     colors, weight = np.zeros((len(a), 3), np.float64), np.zeros((len(a), 1), np.float64)
     for ends, w in ((a, 1.0 - t), (b, t)):
-        key = flat(ends)
+        key = (ends[:, 0] * n + ends[:, 1]) * n + ends[:, 2]
         pos = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
         found = (keys[pos] == key)[:, None] & (w > 0)
         colors += np.where(found, w * rgb[pos], 0.0)

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from engine.geometry.mesh_io import read_mesh, write_glb, write_mesh, write_obj, write_ply
+from engine.geometry.mesh_io import read_mesh, write_glb, write_mesh, write_ply
 from engine.records import EngineError, MeshRecord
 from tests.refdata import FIXTURES, load_npz
 
