@@ -45,7 +45,8 @@ def _request(args, grid: int = 64) -> GenerationRequest:
         image, name = load_image(args.image), args.image.name
     return GenerationRequest(prompt=args.prompt, image=image, image_name=name, model=args.model, seed=args.seed,
                              steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, grid_size=grid,
-                             batch_size=args.batch, device=args.device, precision=args.precision)
+                             batch_size=args.batch, device=args.device, precision=args.precision,
+                             vertex_colors=getattr(args, "vertex_colors", "auto"))
 
 
 def _check_out(path: Path, suffixes: tuple[str, ...]) -> Path:
@@ -139,7 +140,8 @@ def cmd_decode(args) -> int:
     latents, meta = load_latents(args.latent)
     model = args.model or meta.get("model", "mini")
     for i, lat in enumerate(latents):
-        rec = decode_latent(lat, model=model, grid_size=args.grid, device=args.device)
+        rec = decode_latent(lat, model=model, grid_size=args.grid, device=args.device,
+                            vertex_colors=args.vertex_colors)
         path = _numbered(out, i, len(latents))
         if rec.empty:
             print(f"[shap-e] latent {i}: no surface; nothing written", file=sys.stderr)
@@ -208,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="prompt/image -> coloured mesh file")
     _add_request_args(p)
     p.add_argument("--grid", type=int, default=64, help="marching-cubes grid: 64, 128 or 256")
+    p.add_argument("--vertex-colors", default="auto", choices=["auto", "query", "interpolate"],
+                   help="query: the colour field at every vertex (official); interpolate: from the grid corners "
+                        "(one MLP pass less); auto: interpolate from grid 128 up")
     p.add_argument("--out", type=Path, required=True, help="output .ply, .obj or .glb")
     p.set_defaults(fn=cmd_generate)
 
@@ -220,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("latent", type=Path)
     p.add_argument("--model", default=None)
     p.add_argument("--grid", type=int, default=128)
+    p.add_argument("--vertex-colors", default="auto", choices=["auto", "query", "interpolate"],
+                   help="query: the colour field at every vertex (official); interpolate: from the grid corners "
+                        "(one MLP pass less); auto: interpolate from grid 128 up")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(fn=cmd_decode)

@@ -51,6 +51,8 @@ def validate(req: GenerationRequest) -> GenerationRequest:
         raise EngineError(f"grid size {req.grid_size} is not supported", f"choose one of {GRID_SIZES}")
     if not 1 <= req.batch_size <= MAX_BATCH:
         raise EngineError(f"batch size must be between 1 and {MAX_BATCH}, got {req.batch_size}", "use 1-4")
+    if req.vertex_colors not in ("auto", "query", "interpolate"):
+        raise EngineError(f"unknown vertex colour mode {req.vertex_colors!r}", "use auto, query or interpolate")
     if req.sampler not in ("heun", "euler", "dpmpp_2m"):
         raise EngineError(f"unknown sampler {req.sampler!r}", "choose heun, euler or dpmpp_2m")
     if req.model not in registry.model_names():
@@ -133,7 +135,7 @@ def _preview(model: registry.LoadedModel, latent: torch.Tensor) -> np.ndarray | 
 
 
 def decode(model: registry.LoadedModel, latent: torch.Tensor, *, grid_size: int,
-           placement: devices.Placement) -> MeshRecord:
+           placement: devices.Placement, vertex_colors: str = "auto") -> MeshRecord:
     from .geometry.extract import extract_mesh
 
     latent = latent.to(placement.device)
@@ -144,7 +146,7 @@ def decode(model: registry.LoadedModel, latent: torch.Tensor, *, grid_size: int,
         raise EngineError("the latent contains NaN or infinite values", "regenerate it (try fp32 precision)")
     with torch.inference_mode():
         return extract_mesh(model.decoder, latent.reshape(-1).float(), grid_size=grid_size,
-                            device=placement.device)
+                            device=placement.device, vertex_colors=vertex_colors)
 
 
 def _prepare(request: GenerationRequest):
@@ -192,7 +194,7 @@ def generate(request: GenerationRequest, *, on_step: Callable[[StepEvent], None]
     for i, latent in enumerate(latents):
         if should_cancel is not None and should_cancel():
             raise GenerationCancelled()
-        rec = decode(model, latent, grid_size=req.grid_size, placement=placement)
+        rec = decode(model, latent, grid_size=req.grid_size, placement=placement, vertex_colors=req.vertex_colors)
         rec.latent = latent.cpu().numpy().astype(np.float32)
         rec.request = dataclasses.replace(final, seed=seeds[i], batch_size=1)
         rec.seed, rec.model, rec.grid_size = seeds[i], req.model, req.grid_size
@@ -201,7 +203,7 @@ def generate(request: GenerationRequest, *, on_step: Callable[[StepEvent], None]
 
 
 def decode_latent(latent: np.ndarray, *, model: str = "mini", grid_size: int = 64,
-                  device: str = "auto") -> MeshRecord:
+                  device: str = "auto", vertex_colors: str = "auto") -> MeshRecord:
     """Decode a stored latent at another grid size (re-decode in Blender, ``python -m engine decode``)."""
     if grid_size not in GRID_SIZES:
         raise EngineError(f"grid size {grid_size} is not supported", f"choose one of {GRID_SIZES}")
@@ -210,7 +212,8 @@ def decode_latent(latent: np.ndarray, *, model: str = "mini", grid_size: int = 6
     mode = "image" if model == "image300M" else "text"
     loaded = registry.load(model, mode, placement.device)
     arr = np.asarray(latent, dtype=np.float32)
-    rec = decode(loaded, torch.from_numpy(arr.reshape(-1).copy()), grid_size=grid_size, placement=placement)
+    rec = decode(loaded, torch.from_numpy(arr.reshape(-1).copy()), grid_size=grid_size, placement=placement,
+                 vertex_colors=vertex_colors)
     rec.latent, rec.model, rec.grid_size = arr.reshape(-1), model, grid_size
     return rec
 

@@ -46,6 +46,7 @@ class GenerationRequest:
     guidance_scale: float | None = None  # None: the model's default
     sampler: Literal["heun", "euler", "dpmpp_2m"] = "heun"
     grid_size: int = 64
+    vertex_colors: Literal["auto", "query", "interpolate"] = "auto"  # auto: interpolate from grid 128 up
     batch_size: int = 1
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     precision: Literal["auto", "fp32", "fp16"] = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU

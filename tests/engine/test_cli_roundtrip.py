@@ -21,6 +21,11 @@ def test_sample_decode_render_encode(tmp_path):
     assert main(["decode", str(lat), "--grid", "48", "--out", str(mesh_path)]) == 0
     mesh = read_mesh(mesh_path)
     assert len(mesh.faces) > 100 and np.abs(mesh.vertices).max() <= 1.0
+    fast = tmp_path / "fast.ply"  # the same grid with colours from the grid corners: same mesh, near colours
+    assert main(["decode", str(lat), "--grid", "48", "--vertex-colors", "interpolate", "--out", str(fast)]) == 0
+    fast_mesh = read_mesh(fast)
+    assert len(fast_mesh.faces) == len(mesh.faces)
+    assert np.abs(np.asarray(fast_mesh.vertex_colors, float) - np.asarray(mesh.vertex_colors, float)).mean() < 0.01
 
     png = tmp_path / "p.png"
     assert main(["render", str(lat), "--size", "16", "--out", str(png)]) == 0

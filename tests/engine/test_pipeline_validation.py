@@ -18,6 +18,7 @@ from engine.pipeline import validate
     (dict(prompt="a cube", batch_size=0), "batch size"),
     (dict(prompt="a cube", model="nope"), "unknown model"),
     (dict(prompt="a cube", sampler="ddim"), "unknown sampler"),
+    (dict(prompt="a cube", vertex_colors="fast"), "vertex colour mode"),
     (dict(image=np.zeros((4, 4, 3), np.uint8)), "at least 8x8"),
     (dict(image=np.zeros((32, 32), np.uint8)), r"\(H, W, 3\|4\)"),
     (dict(prompt="x", image=np.zeros((32, 32, 3), np.uint8)), "not both"),
