@@ -297,3 +297,26 @@ def test_reproduce_priors_only_from_shipped_weights(tmp_path):
         assert same == (name != "text_prior.safetensors"), name
     parts = load_mini("cpu", export)  # SHA-256 verified
     assert parts["manifest"]["training"]["from_weights"] == str(MINI_DIR)
+
+
+def test_prior_init_continues_from_given_weights(tmp_path):
+    """--init: 0 steps writes the given weights back unchanged; 2 more steps stay next to them, far from the
+    random init that the same run would otherwise start from."""
+    from safetensors.torch import load_file
+
+    from engine.training import train_prior as tp
+
+    def run(name, **kw):
+        tp.train_prior(_blob(), str(tmp_path / name), tp.PriorTrainConfig(batch=8, warmup=1, log_every=1000, **kw),
+                       device="cpu", prior_cfg=PRIOR)
+        return load_file(str(tmp_path / name / "prior.safetensors"))
+
+    trained = run("a", steps=60, lr=3e-3, seed=1)
+    init = str(tmp_path / "a" / "prior.safetensors")
+    assert all(torch.equal(trained[k], v) for k, v in run("b", steps=0, init=init).items())
+    cont, fresh = run("c", steps=2, init=init), run("d", steps=0)
+
+    def dist(x, y):
+        return sum(float((x[k] - y[k]).square().sum()) for k in x) ** 0.5
+
+    assert dist(cont, trained) < 0.1 * dist(fresh, trained)
