@@ -53,7 +53,8 @@ PRESETS: dict[str, dict] = {
         "image_prior": {"steps": 0, "batch": 64},
         "init_from_weights": True,
     },
-    "cpu": {  # estimated 6-10 h on a 2-core CPU (not run end to end; render-bound CLIP stage is the least certain)
+    "cpu": {  # ~3.5 h on the 2-core CPU from measured per-step costs (CLIP 1.4 s at b64, transmitter 2.0 s at b8,
+        # encoding 0.28 s per object, prior 1.9 s at b64, so ~1 s at b32); not run end to end
         "clip": {"steps": 1500, "batch": 64},
         "transmitter": {"steps": 2000, "batch": 8, "bank": 384, "eval_every": 500, "eval_objects": 16},
         "encode": {"per_kind": 4, "cond_views": 2},
