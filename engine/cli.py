@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="both", choices=["text", "image", "both"])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also score encoded-and-decoded instances of each kind (the metrics of a perfect prior)")
     p.set_defaults(fn=cmd_eval)
     return ap
 

@@ -182,14 +182,14 @@ def score_mesh(mesh, target: ObjectSpec, res: int = 64) -> dict:
     v, f, _ = _mesh_arrays(mesh)
     if len(f) == 0:
         return {"shape_correct": False, "iou": 0.0, "color_correct": False, "pred_shape": -1, "pred_aspect": -1,
-                "pred_color": -1}
+                "pred_color": -1, "yaw_deg": None}
     occ = voxelize_mesh(v, f, res)
     sc = shape_scores(mesh, res, occ)
     col = nearest_palette_color(mean_color_srgb(mesh))
     return {"shape_correct": sc["shape"] == target.shape and sc["aspect"] == target.aspect,
             "iou": float(sc["ious"][target.shape * len(ASPECTS) + target.aspect]),
             "color_correct": col == target.color, "pred_shape": sc["shape"], "pred_aspect": sc["aspect"],
-            "pred_color": col}
+            "pred_color": col, "yaw_deg": sc["yaw_deg"]}
 
 
 @torch.no_grad()

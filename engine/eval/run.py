@@ -1,6 +1,7 @@
 """``python -m engine eval``: the MINI-DATASET.md metrics of a model on the procedural world.
 
-For text and image conditioning, on every held-out (shape, colour) pair x aspect and on a sample of trained kinds,
+``--ceiling`` adds the autoencoder ceiling (engine.eval.ceiling): the same metrics for encoded-and-decoded
+instances of each kind, i.e. with a perfect prior. For text and image conditioning, on every held-out (shape, colour) pair x aspect and on a sample of trained kinds,
 several seeds each: shape accuracy, mean IoU, colour accuracy and CLIP R-precision (mini CLIP), plus seed
 diversity (spread of the fitted yaw for yawed shapes and of the mean colour across seeds of one prompt).
 Every number comes from meshes generated through ``engine.pipeline.generate``: the same path as the CLI.
@@ -85,7 +86,7 @@ def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int 
             if not rec.empty and len(rec.faces):
                 cols.append(mean_color_srgb(rec))
                 if s in YAWED_SHAPES and sc["shape_correct"]:
-                    yaws.append(sc.get("yaw_deg", 0.0))
+                    yaws.append(sc["yaw_deg"])
         if len(yaws) > 1:
             tally.yaw_spread.append(float(np.std(yaws)))
         if len(cols) > 1:
@@ -129,6 +130,14 @@ def main(args) -> int:
         clip = registry.load("mini", "text", "cpu").clip.model
     rows = {}
     label = f"{args.sampler}-{args.steps or 'default'}"
+    if getattr(args, "ceiling", False):  # a perfect prior's scores: encode + decode instances of each kind
+        from .ceiling import autoencoder_ceiling
+
+        for split, kinds in (("held-out", held), ("trained", trained)):
+            tally = autoencoder_ceiling(kinds, model=args.model, seeds=args.seeds)
+            name = f"autoencoder ceiling {split}"
+            rows[name] = tally.row(_rprec(tally, clip))
+            print_table({name: rows[name]})
     for mode in modes:
         for split, kinds in (("held-out", held), ("trained", trained)):
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,

@@ -49,6 +49,7 @@ def test_marching_cubes_meshes_are_classified(shape):
         assert s["color_correct"]
         if shape in W.YAWED_SHAPES:  # yaw 0.6 rad = 34.4 deg -> the 35 deg candidate (or its 5 deg neighbour)
             assert abs(M.shape_scores(mesh, RES)["yaw_deg"] - 34.4) <= 5
+            assert s["yaw_deg"] == M.shape_scores(mesh, RES)["yaw_deg"]  # the eval's seed-diversity input
 
 
 def test_wrong_target_scores_low():
