@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..training.world import YAWED_SHAPES, ObjectSpec, kind_from_index
+from ..training.world import ObjectSpec, kind_from_index
 from .metrics import score_mesh
 
 
@@ -23,6 +23,7 @@ def autoencoder_ceiling(kinds: list[int], *, model: str = "mini", seeds: int = 2
     """Encode and decode ``seeds`` instances of every kind; returns the filled ``Tally`` (engine.eval.run)."""
     from .. import registry
     from ..geometry.extract import extract_mesh
+    from ..training.encode_dataset import random_instances
     from ..training.object_bank import build_bank
     from .run import Tally
 
@@ -31,23 +32,14 @@ def autoencoder_ceiling(kinds: list[int], *, model: str = "mini", seeds: int = 2
     enc = transmitter.encoder.cfg
     g = torch.Generator().manual_seed(seed)
     for k in kinds:
-        s, a, c = kind_from_index(k)
         t0 = time.perf_counter()
-        specs = []
-        for _ in range(seeds):
-            u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
-            specs.append(ObjectSpec(s, a, c, yaw=u[0] * torch.pi / 2 if s in YAWED_SHAPES else 0.0,
-                                    value_jitter=(2 * u[1] - 1) * 0.05))
+        specs = random_instances(k, seeds, g)
         bank = build_bank(specs, g, n_points=enc.n_points, data_ctx=enc.data_ctx, n_surface=0,
                           n_views=enc.n_views, image_size=enc.image_size, max_depth=enc.max_depth)
         latents = transmitter.encode_batch(bank.encoder_batch(torch.arange(len(specs))), training=False)
         meshes = [extract_mesh(transmitter.decoder, z, grid_size=grid) for z in latents.float()]
         tally.seconds += time.perf_counter() - t0
+        target = ObjectSpec(*kind_from_index(k))
         for mesh in meshes:
-            sc = score_mesh(mesh, ObjectSpec(s, a, c))
-            tally.shape.append(sc["shape_correct"])
-            tally.iou.append(sc["iou"])
-            tally.color.append(sc["color_correct"])
-            tally.kinds.append(k)
-            tally.meshes.append(mesh)
+            tally.add(k, mesh, score_mesh(mesh, target))
     return tally

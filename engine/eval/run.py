@@ -32,6 +32,13 @@ class Tally:
     color_spread: list = field(default_factory=list)
     seconds: float = 0.0
 
+    def add(self, kind: int, mesh, score: dict) -> None:
+        self.shape.append(score["shape_correct"])
+        self.iou.append(score["iou"])
+        self.color.append(score["color_correct"])
+        self.kinds.append(kind)
+        self.meshes.append(mesh)
+
     def row(self, rprec: float | None) -> dict:
         n = len(self.shape)
         return {"n": n, "shape_acc": float(np.mean(self.shape)) if n else 0.0,
@@ -78,11 +85,7 @@ def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int 
         yaws, cols = [], []
         for rec in records:
             sc = score_mesh(rec, spec)
-            tally.shape.append(sc["shape_correct"])
-            tally.iou.append(sc["iou"])
-            tally.color.append(sc["color_correct"])
-            tally.kinds.append(k)
-            tally.meshes.append(rec)
+            tally.add(k, rec, sc)
             if not rec.empty and len(rec.faces):
                 cols.append(mean_color_srgb(rec))
                 if s in YAWED_SHAPES and sc["shape_correct"]:

@@ -27,13 +27,8 @@ Two ways to fill the grid (``sdf_grid``):
   close to the surface.
 Queries run through ``PackedField`` on the CPU (``decoder_field_fns``); the grid bookkeeping runs on one thread.
 
-Vertex colours (``vertex_colors``): ``query`` evaluates the colour at every final vertex (the official way, one more
-MLP pass per vertex); ``interpolate`` takes the colour at the grid corners in the same MLP pass as the SDF (the
-last layer computes 4 rows instead of 1) and interpolates it linearly along the vertex's edge, with the marching
-cubes weight t. Every vertex lies on an edge whose two ends were queried, except caps on the box faces, whose
-outer end is the −1 border: they take the inner end's colour. The difference is O(voxel²) of the colour field's
-curvature (measured in tests and bench/bench_decode.py); ``auto`` interpolates from grid 128 up, where the voxel is
-small and the vertex pass would cost ~30 % of the decode.
+Vertex colours: ``query`` (official, at every vertex) or ``interpolate`` (from the grid corners), see
+``engine.geometry.vertex_colors``.
 """
 
 from __future__ import annotations
@@ -48,11 +43,11 @@ import torch
 import torch.nn.functional as F
 
 from ..records import EngineError, MeshRecord
+from .vertex_colors import interpolate_corner_colors, resolve_vertex_colors
 
 FieldFn = Callable[[torch.Tensor], torch.Tensor]  # points (M, 3) -> values (M,) or colours (M, 3)
 DEFAULT_CHUNK = 32768  # MLP queries per call: ~32 MB of activations per layer at width 256 (fp32)
 MC_METHOD = "lorensen"
-INTERPOLATE_FROM_GRID = 128  # vertex_colors="auto": query below this grid size, interpolate from it up
 COARSE_SIZE = 32  # coarsest lattice ~33³ points (spacing ~1/16 of the box), whatever the grid size
 DEFAULT_GREY = (0.8, 0.8, 0.8)  # colour of meshes from fields that have none
 
@@ -336,48 +331,6 @@ def marching_cubes(grid: torch.Tensor | np.ndarray, *, official_scale: bool = Fa
         verts[on] = grid_points_axis(size).numpy()[whole[on].astype(np.int64)]
     faces = faces[:, [0, 2, 1]]  # skimage winds clockwise seen from outside for "inside = higher"
     return verts.astype(np.float32), faces.astype(np.int32)
-
-
-def resolve_vertex_colors(mode: str, grid_size: int) -> str:
-    if mode not in ("auto", "query", "interpolate"):
-        raise EngineError(f"unknown vertex colour mode {mode!r}", "use 'auto', 'query' or 'interpolate'")
-    if mode == "auto":
-        return "interpolate" if grid_size >= INTERPOLATE_FROM_GRID else "query"
-    return mode
-
-
-def interpolate_corner_colors(index_verts: np.ndarray, corner_colors: list, grid_size: int
-                              ) -> tuple[np.ndarray, np.ndarray]:
-    """Vertex colours from the colours queried at grid corners.
-
-    index_verts (V, 3): marching-cubes vertices in padded-grid index units (two coordinates whole, the third at
-    a + t along its edge); corner_colors: ``sdf_grid``'s list of (fine index (M, 3), colour (M, 3)). Returns
-    (colours (V, 3) float32, missing (V,) bool: vertices none of whose edge ends was queried; colour 0 there)."""
-    fine = torch.cat([f for f, _ in corner_colors]).cpu()
-    rgb = torch.cat([c for _, c in corner_colors]).float().cpu()
-    inside = ((fine >= 0) & (fine < grid_size)).all(1)  # coarse lattices may overhang the box
-    fine, rgb = fine[inside], rgb[inside]
-    n = grid_size + 2
-    keys, order = torch.sort(_ravel(fine + 1, n))  # padded flat index of every queried point
-    rgb = rgb[order].numpy()
-    keys = keys.numpy()
-    base = np.floor(index_verts)
-    frac = index_verts - base
-    axis = frac.argmax(1)  # the edge's direction (any axis when the vertex sits on a grid point: t = 0)
-    t = frac[np.arange(len(frac)), axis][:, None]
-    a = base.astype(np.int64)
-    b = a.copy()
-    b[np.arange(len(b)), axis] += 1
-    colors, weight = np.zeros((len(a), 3), np.float64), np.zeros((len(a), 1), np.float64)
-    for ends, w in ((a, 1.0 - t), (b, t)):
-        key = (ends[:, 0] * n + ends[:, 1]) * n + ends[:, 2]
-        pos = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
-        found = (keys[pos] == key)[:, None] & (w > 0)
-        colors += np.where(found, w * rgb[pos], 0.0)
-        weight += np.where(found, w, 0.0)
-    missing = weight[:, 0] <= 0
-    colors = np.where(missing[:, None], 0.0, colors / np.maximum(weight, 1e-12))  # a border cap: its inner end
-    return colors.astype(np.float32), missing
 
 
 def extract_mesh_from_field(sdf_fn: FieldFn, grid_size: int = 64, *, color_fn: FieldFn | None = None,

@@ -30,13 +30,18 @@ from .world import YAWED_SHAPES, ObjectSpec, allowed_kinds, caption, is_held_out
 def train_specs(per_kind: int, generator: torch.Generator, jitter: float = 0.05, kind_stride: int = 1
                 ) -> list[ObjectSpec]:
     """``per_kind`` random instances of every train kind (every ``kind_stride``-th for quick checks)."""
+    return [spec for k in allowed_kinds("train")[::kind_stride]
+            for spec in random_instances(k, per_kind, generator, jitter)]
+
+
+def random_instances(kind: int, n: int, generator: torch.Generator, jitter: float = 0.05) -> list[ObjectSpec]:
+    """``n`` instances of one kind with a random yaw (yawed shapes) and shade jitter in ±``jitter``."""
+    s, a, c = kind_from_index(kind)
     specs = []
-    for k in allowed_kinds("train")[::kind_stride]:
-        s, a, c = kind_from_index(k)
-        for _ in range(per_kind):
-            u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-            specs.append(ObjectSpec(s, a, c, yaw=u[0] * torch.pi / 2 if s in YAWED_SHAPES else 0.0,
-                                    value_jitter=(2 * u[1] - 1) * jitter))
+    for _ in range(n):
+        u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        specs.append(ObjectSpec(s, a, c, yaw=u[0] * torch.pi / 2 if s in YAWED_SHAPES else 0.0,
+                                value_jitter=(2 * u[1] - 1) * jitter))
     return specs
 
 

@@ -294,7 +294,7 @@ def test_interpolated_vertex_colours_equal_queried_ones_for_a_linear_field(metho
 
 
 def test_vertex_colour_mode_auto_and_bad_mode(decoder):
-    from engine.geometry.extract import resolve_vertex_colors
+    from engine.geometry.vertex_colors import resolve_vertex_colors
 
     assert resolve_vertex_colors("auto", 64) == "query" and resolve_vertex_colors("auto", 128) == "interpolate"
     with pytest.raises(EngineError, match="vertex colour mode"):
