@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trained-sample", type=int, default=24, help="number of trained kinds to sample")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sampler", default="heun")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="evaluate another exported mini folder (a training run's export) instead of the shipped one")
     p.add_argument("--mode", default="both", choices=["text", "image", "both"])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")

@@ -134,6 +134,18 @@ def _nbytes(*modules) -> int:
     return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
 
 
+def use_mini_weights(directory: str | Path) -> None:
+    """Serve 'mini' from another exported folder (a training run's export, evaluated before it ships)."""
+    global MINI_DIR
+    directory = Path(directory)
+    if not (directory / "mini.json").exists():
+        raise EngineError(f"{directory} is not an exported mini model (no mini.json there)",
+                          "pass the folder written by: python -m engine.training reproduce --export-to DIR")
+    with _lock:
+        MINI_DIR = directory
+        _cache.clear()
+
+
 def _mini_parts(device) -> dict:
     key = ("mini-parts", str(device))
     if key not in _cache:
@@ -142,7 +154,7 @@ def _mini_parts(device) -> dict:
                               "reinstall the extension, or rebuild them: python -m engine.training reproduce")
         from .mini_weights import load_mini
 
-        _cache[key] = load_mini(device=device)
+        _cache[key] = load_mini(device=device, directory=MINI_DIR)
     return _cache[key]
 
 

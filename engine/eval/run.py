@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..records import GenerationRequest
+from ..records import EngineError, GenerationRequest
 from ..training.world import ASPECTS, YAWED_SHAPES, ObjectSpec, allowed_kinds, kind_from_index
 from .metrics import mean_color_srgb, r_precision, score_mesh
 
@@ -65,7 +65,7 @@ def condition_image(spec: ObjectSpec, seed: int, size: int = 128) -> np.ndarray:
 
 
 def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int | None, sampler: str,
-             device: str, grid: int = 64) -> Tally:
+             device: str, grid: int = 64, guidance: float | None = None) -> Tally:
     from ..pipeline import generate
 
     tally = Tally()
@@ -75,12 +75,12 @@ def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int 
         t0 = time.perf_counter()
         if mode == "text":
             records = generate(GenerationRequest(prompt=prompt_for(spec), model=model, seed=0, steps=steps,
-                                                 sampler=sampler, grid_size=grid, batch_size=seeds, device=device))
+                                                 guidance_scale=guidance, sampler=sampler, grid_size=grid, batch_size=seeds, device=device))
         else:
             records = []
             for seed in range(seeds):  # one image (view) per seed
                 records += generate(GenerationRequest(image=condition_image(spec, seed), model=model, seed=seed,
-                                                      steps=steps, sampler=sampler, grid_size=grid, device=device))
+                                                      steps=steps, guidance_scale=guidance, sampler=sampler, grid_size=grid, device=device))
         tally.seconds += time.perf_counter() - t0
         yaws, cols = [], []
         for rec in records:
@@ -128,11 +128,17 @@ def main(args) -> int:
     g = torch.Generator().manual_seed(1234)
     trained = [trained_all[i] for i in torch.randperm(len(trained_all), generator=g)[: args.trained_sample]]
     modes = ["text", "image"] if args.mode == "both" else [args.mode]
+    if getattr(args, "weights", None) is not None:
+        if args.model != "mini":
+            raise EngineError("--weights replaces the embedded model's folder", "use it with --model mini")
+        registry.use_mini_weights(args.weights)
     clip = None
     if args.model == "mini":
         clip = registry.load("mini", "text", "cpu").clip.model
     rows = {}
     label = f"{args.sampler}-{args.steps or 'default'}"
+    if getattr(args, "guidance", None) is not None:
+        label += f", g{args.guidance:g}"
     if getattr(args, "ceiling", False):  # a perfect prior's scores: encode + decode instances of each kind
         from .ceiling import autoencoder_ceiling
 
@@ -144,7 +150,8 @@ def main(args) -> int:
     for mode in modes:
         for split, kinds in (("held-out", held), ("trained", trained)):
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,
-                             sampler=args.sampler, device=args.device)
+                             sampler=args.sampler, device=args.device,
+                             guidance=getattr(args, "guidance", None))
             rows[f"{mode} {split} ({label})"] = tally.row(_rprec(tally, clip))
             print_table({f"{mode} {split} ({label})": rows[f"{mode} {split} ({label})"]})
     print()
