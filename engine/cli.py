@@ -265,11 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--weights", type=Path, default=None,
                    help="evaluate another exported mini folder (a training run's export) instead of the shipped one")
-    p.add_argument("--mode", default="both", choices=["text", "image", "both"])
+    p.add_argument("--mode", default="both", choices=["text", "image", "both", "none"],
+                   help="conditioning to evaluate ('none': only --ceiling / --prior-error)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--ceiling", action="store_true",
                    help="also score encoded-and-decoded instances of each kind (the metrics of a perfect prior)")
+    p.add_argument("--prior-error", action="store_true",
+                   help="also print the text prior's x0 error per noise level on encoded instances")
     p.set_defaults(fn=cmd_eval)
     return ap
 

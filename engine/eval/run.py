@@ -127,7 +127,7 @@ def main(args) -> int:
     trained_all = allowed_kinds("train")
     g = torch.Generator().manual_seed(1234)
     trained = [trained_all[i] for i in torch.randperm(len(trained_all), generator=g)[: args.trained_sample]]
-    modes = ["text", "image"] if args.mode == "both" else [args.mode]
+    modes = {"both": ["text", "image"], "none": []}.get(args.mode, [args.mode])
     if getattr(args, "weights", None) is not None:
         if args.model != "mini":
             raise EngineError("--weights replaces the embedded model's folder", "use it with --model mini")
@@ -135,7 +135,7 @@ def main(args) -> int:
     clip = None
     if args.model == "mini":
         clip = registry.load("mini", "text", "cpu").clip.model
-    rows = {}
+    rows, diagnostics = {}, {}
     label = f"{args.sampler}-{args.steps or 'default'}"
     if getattr(args, "guidance", None) is not None:
         label += f", g{args.guidance:g}"
@@ -147,6 +147,13 @@ def main(args) -> int:
             name = f"autoencoder ceiling {split}"
             rows[name] = tally.row(_rprec(tally, clip))
             print_table({name: rows[name]})
+    if getattr(args, "prior_error", False):
+        from .prior_error import print_prior_error, prior_error
+
+        for split, kinds in (("held-out", held), ("trained", trained)):
+            res = prior_error(kinds, model=args.model)
+            diagnostics[f"text prior x0 error {split}"] = res
+            print_prior_error(f"text prior x0 error, {split}", res)
     for mode in modes:
         for split, kinds in (("held-out", held), ("trained", trained)):
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,
@@ -157,7 +164,8 @@ def main(args) -> int:
     print()
     print(f"model {args.model}, {args.seeds} seeds per kind, {len(held)} held-out kinds "
           f"({len(held) // len(ASPECTS)} pairs x {len(ASPECTS)} aspects), {len(trained)} trained kinds")
-    print_table(rows)
+    if rows:
+        print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({**rows, **diagnostics}, indent=1))
     return 0
