@@ -5,6 +5,8 @@
     python -m engine.training export --out runs/mini                                 # only re-export
     python -m engine.training reproduce --out runs/priors --preset gpu-priors --from-weights engine/weights/mini
         # keep an exported CLIP + transmitter (e.g. after finetune_decoder) and retrain only encode + priors
+    python -m engine.training export --out runs/ft --from-weights engine/weights/mini --export-to runs/ft/export
+        # a run with only text_prior/ and image_prior/ (e.g. train_prior --init fine-tunes) + that folder's rest
 
 Each stage writes into its own folder under --out and is skipped when its final output already exists, so an
 interrupted reproduction resumes where it stopped (the running stage resumes from its checkpoint).
@@ -215,6 +217,9 @@ def main(argv=None) -> None:
     x = sub.add_parser("export", help="export a finished run")
     x.add_argument("--out", default="runs/mini")
     x.add_argument("--export-to", default=None)
+    x.add_argument("--from-weights", default=None,
+                   help="exported mini folder that supplies the CLIP + transmitter (and the training record) of a "
+                        "run that only trained priors (its text_prior/ and image_prior/ folders)")
     a = ap.parse_args(argv)
     if a.cmd == "reproduce":
         reproduce(a.out, device=a.device, preset=a.preset, export_to=a.export_to, seed=a.seed,
@@ -224,6 +229,11 @@ def main(argv=None) -> None:
 
         rec = Path(a.out) / "reproduce.json"
         info = json.loads(rec.read_text()) if rec.exists() else {}
+        if a.from_weights:
+            root = Path(a.out)
+            if any((root / stage).exists() for stage in ("clip", "transmitter")):
+                raise SystemExit(f"{root} has its own clip/ or transmitter/ stage: export without --from-weights")
+            info = {**seed_from_weights(a.from_weights, root), **info}
         meta = export_mini(a.out, a.export_to or DEFAULT_EXPORT, training=info)
         print(f"exported {meta['total_bytes'] / 1e6:.2f} MB")
 

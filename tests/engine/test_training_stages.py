@@ -320,3 +320,30 @@ def test_prior_init_continues_from_given_weights(tmp_path):
         return sum(float((x[k] - y[k]).square().sum()) for k in x) ** 0.5
 
     assert dist(cont, trained) < 0.1 * dist(fresh, trained)
+
+
+def test_export_from_weights_swaps_in_separately_trained_priors(tmp_path):
+    """`export --from-weights`: a run holding only prior folders gets the exported CLIP + transmitter bit for bit
+    and the training record of that folder; a run with its own CLIP stage is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.mini_weights import MINI_DIR, load_mini, read_manifest
+    from engine.training.__main__ import main
+
+    run, export = tmp_path / "run", tmp_path / "export"
+    shipped = {m: load_file(str(MINI_DIR / f"{m}_prior.safetensors")) for m in ("text", "image")}
+    for mode, state in shipped.items():
+        (run / f"{mode}_prior").mkdir(parents=True)
+        if mode == "text":  # a "fine-tuned" text prior
+            state = {k: v.float() + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+        save_file({k: v.float().contiguous() for k, v in state.items()}, str(run / f"{mode}_prior" / "prior.safetensors"))
+    main(["export", "--out", str(run), "--export-to", str(export), "--from-weights", str(MINI_DIR)])
+    parts = load_mini("cpu", export)  # SHA-256 verified
+    assert parts["manifest"]["training"]["decoder_finetune"] == read_manifest()["training"]["decoder_finetune"]
+    for name in ("clip.safetensors", "transmitter.safetensors", "image_prior.safetensors", "text_prior.safetensors"):
+        old, new = load_file(str(MINI_DIR / name)), load_file(str(export / name))
+        assert old.keys() == new.keys(), name
+        same = all(torch.equal(old[k], new[k]) for k in old)
+        assert same == (name != "text_prior.safetensors"), name
+    with pytest.raises(SystemExit, match="its own clip"):
+        main(["export", "--out", str(run), "--export-to", str(tmp_path / "again"), "--from-weights", str(MINI_DIR)])
