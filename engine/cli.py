@@ -202,6 +202,12 @@ def cmd_eval(args) -> int:
     return eval_main(args)
 
 
+def _add_vertex_colors_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vertex-colors", default="auto", choices=["auto", "query", "interpolate"],
+                   help="query: the colour field at every vertex (official); interpolate: from the grid corners "
+                        "(one MLP pass less); auto: interpolate from grid 128 up")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine", description="Shap-E: text or image to coloured 3D mesh")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -210,9 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="prompt/image -> coloured mesh file")
     _add_request_args(p)
     p.add_argument("--grid", type=int, default=64, help="marching-cubes grid: 64, 128 or 256")
-    p.add_argument("--vertex-colors", default="auto", choices=["auto", "query", "interpolate"],
-                   help="query: the colour field at every vertex (official); interpolate: from the grid corners "
-                        "(one MLP pass less); auto: interpolate from grid 128 up")
+    _add_vertex_colors_arg(p)
     p.add_argument("--out", type=Path, required=True, help="output .ply, .obj or .glb")
     p.set_defaults(fn=cmd_generate)
 
@@ -225,9 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("latent", type=Path)
     p.add_argument("--model", default=None)
     p.add_argument("--grid", type=int, default=128)
-    p.add_argument("--vertex-colors", default="auto", choices=["auto", "query", "interpolate"],
-                   help="query: the colour field at every vertex (official); interpolate: from the grid corners "
-                        "(one MLP pass less); auto: interpolate from grid 128 up")
+    _add_vertex_colors_arg(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(fn=cmd_decode)

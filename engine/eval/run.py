@@ -1,10 +1,11 @@
 """``python -m engine eval``: the MINI-DATASET.md metrics of a model on the procedural world.
 
-``--ceiling`` adds the autoencoder ceiling (engine.eval.ceiling): the same metrics for encoded-and-decoded
-instances of each kind, i.e. with a perfect prior. For text and image conditioning, on every held-out (shape, colour) pair x aspect and on a sample of trained kinds,
+For text and image conditioning, on every held-out (shape, colour) pair x aspect and on a sample of trained kinds,
 several seeds each: shape accuracy, mean IoU, colour accuracy and CLIP R-precision (mini CLIP), plus seed
 diversity (spread of the fitted yaw for yawed shapes and of the mean colour across seeds of one prompt).
 Every number comes from meshes generated through ``engine.pipeline.generate``: the same path as the CLI.
+Diagnostics: ``--ceiling`` (engine.eval.ceiling), the same metrics for encoded-and-decoded instances of each kind,
+i.e. with a perfect prior; ``--prior-error`` (engine.eval.prior_error), the text prior's x0 error per noise level.
 """
 
 from __future__ import annotations
@@ -73,14 +74,14 @@ def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int 
         s, a, c = kind_from_index(k)
         spec = ObjectSpec(s, a, c)
         t0 = time.perf_counter()
+        common = dict(model=model, steps=steps, guidance_scale=guidance, sampler=sampler, grid_size=grid,
+                      device=device)
         if mode == "text":
-            records = generate(GenerationRequest(prompt=prompt_for(spec), model=model, seed=0, steps=steps,
-                                                 guidance_scale=guidance, sampler=sampler, grid_size=grid, batch_size=seeds, device=device))
+            records = generate(GenerationRequest(prompt=prompt_for(spec), seed=0, batch_size=seeds, **common))
         else:
             records = []
             for seed in range(seeds):  # one image (view) per seed
-                records += generate(GenerationRequest(image=condition_image(spec, seed), model=model, seed=seed,
-                                                      steps=steps, guidance_scale=guidance, sampler=sampler, grid_size=grid, device=device))
+                records += generate(GenerationRequest(image=condition_image(spec, seed), seed=seed, **common))
         tally.seconds += time.perf_counter() - t0
         yaws, cols = [], []
         for rec in records:
@@ -127,8 +128,9 @@ def main(args) -> int:
     trained_all = allowed_kinds("train")
     g = torch.Generator().manual_seed(1234)
     trained = [trained_all[i] for i in torch.randperm(len(trained_all), generator=g)[: args.trained_sample]]
+    splits = (("held-out", held), ("trained", trained))
     modes = {"both": ["text", "image"], "none": []}.get(args.mode, [args.mode])
-    if getattr(args, "weights", None) is not None:
+    if args.weights is not None:
         if args.model != "mini":
             raise EngineError("--weights replaces the embedded model's folder", "use it with --model mini")
         registry.use_mini_weights(args.weights)
@@ -137,30 +139,30 @@ def main(args) -> int:
         clip = registry.load("mini", "text", "cpu").clip.model
     rows, diagnostics = {}, {}
     label = f"{args.sampler}-{args.steps or 'default'}"
-    if getattr(args, "guidance", None) is not None:
+    if args.guidance is not None:
         label += f", g{args.guidance:g}"
-    if getattr(args, "ceiling", False):  # a perfect prior's scores: encode + decode instances of each kind
+    if args.ceiling:  # a perfect prior's scores: encode + decode instances of each kind
         from .ceiling import autoencoder_ceiling
 
-        for split, kinds in (("held-out", held), ("trained", trained)):
+        for split, kinds in splits:
             tally = autoencoder_ceiling(kinds, model=args.model, seeds=args.seeds)
             name = f"autoencoder ceiling {split}"
             rows[name] = tally.row(_rprec(tally, clip))
             print_table({name: rows[name]})
-    if getattr(args, "prior_error", False):
+    if args.prior_error:
         from .prior_error import print_prior_error, prior_error
 
-        for split, kinds in (("held-out", held), ("trained", trained)):
+        for split, kinds in splits:
             res = prior_error(kinds, model=args.model)
             diagnostics[f"text prior x0 error {split}"] = res
             print_prior_error(f"text prior x0 error, {split}", res)
     for mode in modes:
-        for split, kinds in (("held-out", held), ("trained", trained)):
+        for split, kinds in splits:
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,
-                             sampler=args.sampler, device=args.device,
-                             guidance=getattr(args, "guidance", None))
-            rows[f"{mode} {split} ({label})"] = tally.row(_rprec(tally, clip))
-            print_table({f"{mode} {split} ({label})": rows[f"{mode} {split} ({label})"]})
+                             sampler=args.sampler, device=args.device, guidance=args.guidance)
+            name = f"{mode} {split} ({label})"
+            rows[name] = tally.row(_rprec(tally, clip))
+            print_table({name: rows[name]})
     print()
     print(f"model {args.model}, {args.seeds} seeds per kind, {len(held)} held-out kinds "
           f"({len(held) // len(ASPECTS)} pairs x {len(ASPECTS)} aspects), {len(trained)} trained kinds")
