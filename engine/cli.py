@@ -268,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=None,
                    help="evaluate another exported mini folder (a training run's export) instead of the shipped one")
     p.add_argument("--mode", default="both", choices=["text", "image", "both", "none"],
-                   help="conditioning to evaluate ('none': only --ceiling / --prior-error)")
+                   help="conditioning to evaluate ('none': only the diagnostics)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--ceiling", action="store_true",
                    help="also score encoded-and-decoded instances of each kind (the metrics of a perfect prior)")
+    p.add_argument("--additive-ceiling", action="store_true",
+                   help="also score latents composed additively, (shape, aspect) + colour, from trained kinds' means")
     p.add_argument("--prior-error", action="store_true",
                    help="also print the text prior's x0 error per noise level on encoded instances")
     p.set_defaults(fn=cmd_eval)

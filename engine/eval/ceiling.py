@@ -50,3 +50,52 @@ def autoencoder_ceiling(kinds: list[int], *, model: str = "mini", seeds: int = 2
         for mesh in meshes:
             tally.add(k, mesh, score_mesh(mesh, target))
     return tally
+
+
+@torch.no_grad()
+def additive_ceiling(kinds: list[int], *, model: str = "mini", instances: int = 2, grid: int = 64,
+                     seed: int = 8765, fit_kinds: list[int] | None = None, tally=None):
+    """Score what a prior that composes shape and colour additively in latent space would give.
+
+    Every TRAIN kind is encoded (``instances`` each) and its mean latent fitted by least squares as
+    ``G[shape, aspect] + C[colour]``; for each of ``kinds`` the fitted sum is decoded and scored. A held-out kind's
+    latent is thus built only from trained kinds that share its shape or its colour, never from its own data: the
+    row says how compositional the transmitter's latent space is, i.e. what the prior could reach on held-out pairs
+    by composing what it learnt. ``fit_kinds`` (default: every train kind) must be train kinds and cover the
+    (shape, aspect) and colour of every kind scored. Returns (tally, mse of the fit on the trained means)."""
+    from .. import registry
+    from ..geometry.extract import extract_mesh
+    from ..records import EngineError
+    from ..training.world import ASPECTS, COLORS, SHAPES, allowed_kinds
+    from .run import Tally
+
+    train = allowed_kinds("train") if fit_kinds is None else list(fit_kinds)
+    if set(train) - set(allowed_kinds("train")):
+        raise EngineError("the additive fit may only use train kinds", "leave fit_kinds at its default")
+
+    tally = tally if tally is not None else Tally()
+    transmitter = registry.load_transmitter(model, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    means = torch.stack([encode_instances(transmitter, k, instances, g).mean(0) for k in train])
+    n_sa = len(SHAPES) * len(ASPECTS)
+
+    def design(ks: list[int]) -> torch.Tensor:
+        x = torch.zeros(len(ks), n_sa + len(COLORS), dtype=torch.float64)
+        for i, k in enumerate(ks):
+            s, a, c = kind_from_index(k)
+            x[i, s * len(ASPECTS) + a] = 1.0
+            x[i, n_sa + c] = 1.0
+        return x
+
+    covered = design(train).sum(0) > 0
+    if not bool(covered[design(kinds).sum(0) > 0].all()):
+        raise EngineError("a scored kind's (shape, aspect) or colour has no trained kind in the fit",
+                          "add fit kinds that share it")
+    coef = torch.linalg.lstsq(design(train), means.double()).solution
+    fit_mse = float((design(train) @ coef - means.double()).square().mean())
+    for k, z in zip(kinds, (design(kinds) @ coef).float()):
+        t0 = time.perf_counter()
+        mesh = extract_mesh(transmitter.decoder, z, grid_size=grid)
+        tally.seconds += time.perf_counter() - t0
+        tally.add(k, mesh, score_mesh(mesh, ObjectSpec(*kind_from_index(k))))
+    return tally, fit_mse

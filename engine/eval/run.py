@@ -5,7 +5,8 @@ several seeds each: shape accuracy, mean IoU, colour accuracy and CLIP R-precisi
 diversity (spread of the fitted yaw for yawed shapes and of the mean colour across seeds of one prompt).
 Every number comes from meshes generated through ``engine.pipeline.generate``: the same path as the CLI.
 Diagnostics: ``--ceiling`` (engine.eval.ceiling), the same metrics for encoded-and-decoded instances of each kind,
-i.e. with a perfect prior; ``--prior-error`` (engine.eval.prior_error), the text prior's x0 error per noise level.
+i.e. with a perfect prior; ``--additive-ceiling``, the latents a prior composing (shape, aspect) + colour
+additively from the trained kinds' mean latents would give; ``--prior-error`` (engine.eval.prior_error), the text prior's x0 error per noise level.
 """
 
 from __future__ import annotations
@@ -148,6 +149,14 @@ def main(args) -> int:
             tally = autoencoder_ceiling(kinds, model=args.model, seeds=args.seeds)
             name = f"autoencoder ceiling {split}"
             rows[name] = tally.row(_rprec(tally, clip))
+            print_table({name: rows[name]})
+    if args.additive_ceiling:  # a prior that composes (shape, aspect) + colour additively in latent space
+        from .ceiling import additive_ceiling
+
+        for split, kinds in splits:
+            tally, fit_mse = additive_ceiling(kinds, model=args.model, instances=args.seeds)
+            name = f"additive composition {split}"
+            rows[name] = {**tally.row(_rprec(tally, clip)), "fit_mse_train_means": fit_mse}
             print_table({name: rows[name]})
     if args.prior_error:
         from .prior_error import print_prior_error, prior_error

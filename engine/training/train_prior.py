@@ -46,6 +46,7 @@ class PriorTrainConfig:
     warmup: int = 200
     ema_decay: float = 0.999
     cond_drop_prob: float = 0.1
+    cond_noise: float = 0.0  # Gaussian noise on the condition (text: per unit-vector component, renormalised)
     min_snr_gamma: float = 0.0  # 0: plain x0 MSE (official); >0: weight min(SNR, γ) / normalisation
     grad_clip: float = 1.0
     seed: int = 0
@@ -100,6 +101,19 @@ class LatentSet:
             v = (u * self.grids.shape[1]).long().clamp(max=self.grids.shape[1] - 1)
             cond = self.grids[idx, v].float()
         return self.latents[idx], cond
+
+
+def perturb_condition(cond: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Condition augmentation: Gaussian noise of std ``scale`` per component, relative to the rows' RMS for image
+    grids; text vectors are renormalised to unit length, as CLIP gives them. It smooths the map from condition to
+    latent between the trained kinds, which is what an unseen (shape, colour) pair's embedding falls into."""
+    if scale <= 0:
+        return cond
+    eps = torch.randn(cond.shape, generator=generator).to(cond.device, cond.dtype)
+    if cond.dim() == 2:  # text: (B, clip_dim) unit vectors
+        return torch.nn.functional.normalize(cond + scale * eps, dim=-1)
+    rms = cond.float().square().mean(dim=tuple(range(1, cond.dim())), keepdim=True).sqrt().to(cond.dtype)
+    return cond + scale * rms * eps
 
 
 def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -186,6 +200,7 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
     for step in range(start, tcfg.steps):
         g = loop.step_generator(tcfg.seed, info.rank, step)
         x0, cond = ds.batch(tcfg.batch, g)
+        cond = perturb_condition(cond, tcfg.cond_noise, g)
         cond = drop_condition(cond, tcfg.cond_drop_prob, g)
         loss = diffusion_loss(ddp, x0, cond, g, sigma_table=sigma_table, min_snr_gamma=tcfg.min_snr_gamma,
                               amp=tcfg.amp)
@@ -231,6 +246,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--cond-noise", type=float, default=d.cond_noise,
+                   help="std of Gaussian noise added to the condition in training (text: per component of the unit"
+                        " CLIP vector, e.g. 0.05; image: relative to the grid's RMS)")
     p.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
@@ -245,7 +263,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     tcfg = PriorTrainConfig(cond=a.cond, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup,
-                            ema_decay=a.ema_decay, min_snr_gamma=a.min_snr_gamma, seed=a.seed, amp=a.amp,
+                            ema_decay=a.ema_decay, cond_noise=a.cond_noise, min_snr_gamma=a.min_snr_gamma, seed=a.seed, amp=a.amp,
                             log_every=a.log_every, ckpt_every=a.ckpt_every, init=a.init)
     return train_prior(a.data, a.out, tcfg, device=a.device, resume=a.resume)
 

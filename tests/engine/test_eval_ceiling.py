@@ -24,3 +24,25 @@ def test_prior_error_table_measures_the_shipped_text_prior():
         # the prompt tells the prior which kind it is: far closer to the kind's mean than the kinds are to each other
         assert r["mse_kind_mean"] < 0.5 * res["across_kinds"], r
         assert r["mse_instance"] > 0
+
+
+def test_additive_ceiling_composes_a_held_out_kind_from_trained_ones():
+    import pytest
+
+    from engine.eval.ceiling import additive_ceiling
+    from engine.records import EngineError
+
+    held = allowed_kinds("heldout")[0]
+    s, a, c = kind_from_index(held)
+    train = allowed_kinds("train")
+    # trained kinds sharing the held-out kind's (shape, aspect), or its colour at the same aspect
+    fit = [k for k in train if (kind_from_index(k)[:2] == (s, a)) or kind_from_index(k)[1:] == (a, c)]
+    assert held not in fit and len(fit) > 10
+    tally, fit_mse = additive_ceiling([held], instances=1, fit_kinds=fit)
+    assert tally.kinds == [held] and len(tally.meshes[0].faces) > 100
+    assert 0 <= fit_mse < 0.05
+    assert tally.iou[0] > 0.5, (kind_from_index(held), tally.iou)  # measured over all 42: mean 0.82
+    with pytest.raises(EngineError):  # never fitted on held-out data
+        additive_ceiling([held], instances=1, fit_kinds=fit + [held])
+    with pytest.raises(EngineError):  # a colour no fit kind has cannot be composed
+        additive_ceiling([held], instances=1, fit_kinds=[k for k in fit if kind_from_index(k)[2] != c])

@@ -169,3 +169,19 @@ def test_torchrun_two_process_gloo(tmp_path):
     assert [x["step"] for x in recs] == [1, 2, 3]  # rank 0 alone logs
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in recs)
     assert (tmp_path / "clip.safetensors").exists() and (tmp_path / "checkpoint.pt").exists()
+
+
+def test_perturb_condition_text_and_image():
+    from engine.training.train_prior import perturb_condition
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(256, 64), dim=-1)
+    assert perturb_condition(text, 0.0, g) is text  # off by default: the official recipe
+    out = perturb_condition(text, 0.05, g)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(256), atol=1e-5)  # still CLIP-like unit vectors
+    cos = (out * text).sum(-1)
+    # 64 components of std 0.05 -> noise norm ~0.4 -> cosine ~0.93 on average, never the same vector
+    assert 0.88 < float(cos.mean()) < 0.97 and float(cos.max()) < 0.999
+    grid = torch.randn(8, 128, 64) * 3.0
+    rel = (perturb_condition(grid, 0.1, g) - grid).std() / grid.std()
+    assert 0.08 < float(rel) < 0.12  # image grids: noise relative to the grid's own scale
