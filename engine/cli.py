@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--ceiling", action="store_true",
-                   help="also score encoded-and-decoded instances of each kind (the metrics of a perfect prior)")
+                   help="also score encoded-and-decoded instances of each kind (the metrics of a perfect prior) and"
+                        " the target meshes themselves (the R-precision of perfect meshes)")
     p.add_argument("--additive-ceiling", action="store_true",
                    help="also score latents composed additively, (shape, aspect) + colour, from trained kinds' means")
     p.add_argument("--prior-error", action="store_true",

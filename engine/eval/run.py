@@ -150,6 +150,14 @@ def main(args) -> int:
             name = f"autoencoder ceiling {split}"
             rows[name] = tally.row(_rprec(tally, clip))
             print_table({name: rows[name]})
+    if args.ceiling:  # the targets themselves: the R-precision that perfect meshes get from the mini CLIP
+        from .ceiling import ground_truth_meshes
+
+        for split, kinds in splits:
+            tally = ground_truth_meshes(kinds)
+            name = f"ground-truth meshes {split}"
+            rows[name] = tally.row(_rprec(tally, clip))
+            print_table({name: rows[name]})
     if args.additive_ceiling:  # a prior that composes (shape, aspect) + colour additively in latent space
         from .ceiling import additive_ceiling
 

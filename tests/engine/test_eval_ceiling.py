@@ -46,3 +46,13 @@ def test_additive_ceiling_composes_a_held_out_kind_from_trained_ones():
         additive_ceiling([held], instances=1, fit_kinds=fit + [held])
     with pytest.raises(EngineError):  # a colour no fit kind has cannot be composed
         additive_ceiling([held], instances=1, fit_kinds=[k for k in fit if kind_from_index(k)[2] != c])
+
+
+def test_ground_truth_meshes_score_perfectly_on_shape_and_colour():
+    from engine.eval.ceiling import ground_truth_meshes
+
+    kinds = allowed_kinds("heldout")[::9]
+    tally = ground_truth_meshes(kinds)
+    assert tally.kinds == kinds
+    assert all(tally.shape) and all(tally.color), [kind_from_index(k) for k in kinds]  # the metric's own sanity
+    assert min(tally.iou) > 0.9
