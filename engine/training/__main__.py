@@ -6,7 +6,7 @@
     python -m engine.training reproduce --out runs/priors --preset gpu-priors --from-weights engine/weights/mini
         # keep an exported CLIP + transmitter (e.g. after finetune_decoder) and retrain only encode + priors
     python -m engine.training export --out runs/ft --from-weights engine/weights/mini --export-to runs/ft/export
-        # a run with only text_prior/ and image_prior/ (e.g. train_prior --init fine-tunes) + that folder's rest
+        # a run with only text_prior/ and/or image_prior/ (train_prior --init fine-tunes) + that folder's rest
 
 Each stage writes into its own folder under --out and is skipped when its final output already exists, so an
 interrupted reproduction resumes where it stopped (the running stage resumes from its checkpoint).
@@ -128,6 +128,26 @@ def seed_from_weights(weights: str | Path, root: Path) -> dict:
     return manifest.get("training", {})
 
 
+def fill_priors_from_weights(weights: str | Path, root: Path) -> list[str]:
+    """For ``export --from-weights``: a prior the run did not train (no ``<mode>_prior/prior.safetensors``) is
+    taken over from the weights folder unchanged, so a run may fine-tune one prior only. Returns the modes filled."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.mini_weights import load_mini
+
+    filled = []
+    for mode in ("text", "image"):
+        target = root / f"{mode}_prior" / "prior.safetensors"
+        if target.exists():
+            continue
+        load_mini("cpu", weights)  # verifies every SHA-256 before a file is used
+        target.parent.mkdir(parents=True, exist_ok=True)
+        state = load_file(str(Path(weights) / f"{mode}_prior.safetensors"))
+        save_file({k: v.float().contiguous() for k, v in state.items()}, str(target))
+        filled.append(mode)
+    return filled
+
+
 def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to: str | None = None,
               seed: int = 0, from_weights: str | None = None) -> dict:
     from . import train_clip
@@ -219,7 +239,8 @@ def main(argv=None) -> None:
     x.add_argument("--export-to", default=None)
     x.add_argument("--from-weights", default=None,
                    help="exported mini folder that supplies the CLIP + transmitter (and the training record) of a "
-                        "run that only trained priors (its text_prior/ and image_prior/ folders)")
+                        "run that only trained priors (its text_prior/ and/or image_prior/ folders; a prior it lacks"
+                        " is taken over from that folder unchanged)")
     a = ap.parse_args(argv)
     if a.cmd == "reproduce":
         reproduce(a.out, device=a.device, preset=a.preset, export_to=a.export_to, seed=a.seed,
@@ -234,6 +255,7 @@ def main(argv=None) -> None:
             if any((root / stage).exists() for stage in ("clip", "transmitter")):
                 raise SystemExit(f"{root} has its own clip/ or transmitter/ stage: export without --from-weights")
             info = {**seed_from_weights(a.from_weights, root), **info}
+            fill_priors_from_weights(a.from_weights, root)
         meta = export_mini(a.out, a.export_to or DEFAULT_EXPORT, training=info)
         print(f"exported {meta['total_bytes'] / 1e6:.2f} MB")
 

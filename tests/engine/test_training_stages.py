@@ -347,3 +347,11 @@ def test_export_from_weights_swaps_in_separately_trained_priors(tmp_path):
         assert same == (name != "text_prior.safetensors"), name
     with pytest.raises(SystemExit, match="its own clip"):
         main(["export", "--out", str(run), "--export-to", str(tmp_path / "again"), "--from-weights", str(MINI_DIR)])
+    # a run that fine-tuned only the text prior: the image prior comes over from the folder, value for value
+    only_text = tmp_path / "only_text"
+    (only_text / "text_prior").mkdir(parents=True)
+    (only_text / "text_prior" / "prior.safetensors").write_bytes((run / "text_prior" / "prior.safetensors").read_bytes())
+    main(["export", "--out", str(only_text), "--export-to", str(tmp_path / "export2"), "--from-weights", str(MINI_DIR)])
+    for name in ("image_prior.safetensors", "text_prior.safetensors"):
+        a, b = load_file(str(export / name)), load_file(str(tmp_path / "export2" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
