@@ -105,7 +105,7 @@ def additive_ceiling(kinds: list[int], *, model: str = "mini", instances: int = 
 def ground_truth_meshes(kinds: list[int], tally=None):
     """The target objects themselves (marching cubes of the analytic SDF, flat palette colour), scored like
     generated meshes: 100 % shape and colour accuracy by construction, and the R-precision the mini CLIP gives
-    perfect meshes, the upper bound of that metric."""
+    perfect meshes (what that metric can reach with this CLIP)."""
     import numpy as np
 
     from ..training.data import canonical_mesh
