@@ -10,6 +10,7 @@ and the generation rows is the prior's share of the error, and this row's gap to
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -53,6 +54,35 @@ def autoencoder_ceiling(kinds: list[int], *, model: str = "mini", seeds: int = 2
     return tally
 
 
+def _design(kinds) -> torch.Tensor:
+    """One-hot rows: (shape, aspect) among the first 24 columns, colour among the last 12."""
+    from ..training.world import ASPECTS, COLORS, SHAPES
+
+    n_sa = len(SHAPES) * len(ASPECTS)
+    x = torch.zeros(len(kinds), n_sa + len(COLORS), dtype=torch.float64)
+    for i, k in enumerate(kinds):
+        s, a, c = kind_from_index(k)
+        x[i, s * len(ASPECTS) + a] = 1.0
+        x[i, n_sa + c] = 1.0
+    return x
+
+
+@functools.lru_cache(maxsize=4)
+@torch.no_grad()
+def _additive_fit(model: str, source: str, instances: int, seed: int, fit_kinds: tuple[int, ...]
+                  ) -> tuple[torch.Tensor, float]:
+    """Least-squares coefficients (36, d_latent) of the trained kinds' mean latents, and the fit's MSE
+    (``source``: the weights folder, part of the cache key)."""
+    from .. import registry
+
+    transmitter = registry.load_transmitter(model, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    means = torch.stack([encode_instances(transmitter, k, instances, g).mean(0) for k in fit_kinds]).double()
+    x = _design(fit_kinds)
+    coef = torch.linalg.lstsq(x, means).solution
+    return coef, float((x @ coef - means).square().mean())
+
+
 @torch.no_grad()
 def additive_ceiling(kinds: list[int], *, model: str = "mini", instances: int = 2, grid: int = 64,
                      seed: int = 8765, fit_kinds: list[int] | None = None, tally=None):
@@ -63,40 +93,26 @@ def additive_ceiling(kinds: list[int], *, model: str = "mini", instances: int = 
     latent is thus built only from trained kinds that share its shape or its colour, never from its own data: the
     row says how compositional the transmitter's latent space is, i.e. what the prior could reach on held-out pairs
     by composing what it learnt. ``fit_kinds`` (default: every train kind) must be train kinds and cover the
-    (shape, aspect) and colour of every kind scored. Returns (tally, mse of the fit on the trained means)."""
+    (shape, aspect) and colour of every kind scored; the fit is cached across calls. Returns (tally, mse of the fit
+    on the trained means)."""
     from .. import registry
     from ..geometry.extract import extract_mesh
     from ..records import EngineError
-    from ..training.world import ASPECTS, COLORS, SHAPES, allowed_kinds
+    from ..training.world import allowed_kinds
     from .run import Tally
 
-    train = allowed_kinds("train") if fit_kinds is None else list(fit_kinds)
+    train = tuple(allowed_kinds("train") if fit_kinds is None else fit_kinds)
     if set(train) - set(allowed_kinds("train")):
         raise EngineError("the additive fit may only use train kinds", "leave fit_kinds at its default")
-
-    tally = tally if tally is not None else Tally()
-    transmitter = registry.load_transmitter(model, "cpu")
-    g = torch.Generator().manual_seed(seed)
-    means = torch.stack([encode_instances(transmitter, k, instances, g).mean(0) for k in train])
-    n_sa = len(SHAPES) * len(ASPECTS)
-
-    def design(ks: list[int]) -> torch.Tensor:
-        x = torch.zeros(len(ks), n_sa + len(COLORS), dtype=torch.float64)
-        for i, k in enumerate(ks):
-            s, a, c = kind_from_index(k)
-            x[i, s * len(ASPECTS) + a] = 1.0
-            x[i, n_sa + c] = 1.0
-        return x
-
-    covered = design(train).sum(0) > 0
-    if not bool(covered[design(kinds).sum(0) > 0].all()):
+    if not bool((_design(train).sum(0) > 0)[_design(kinds).sum(0) > 0].all()):
         raise EngineError("a scored kind's (shape, aspect) or colour has no trained kind in the fit",
                           "add fit kinds that share it")
-    coef = torch.linalg.lstsq(design(train), means.double()).solution
-    fit_mse = float((design(train) @ coef - means.double()).square().mean())
-    for k, z in zip(kinds, (design(kinds) @ coef).float()):
+    coef, fit_mse = _additive_fit(model, str(registry.MINI_DIR) if model == "mini" else "", instances, seed, train)
+    tally = tally if tally is not None else Tally()
+    decoder = registry.load_transmitter(model, "cpu").decoder
+    for k, z in zip(kinds, (_design(kinds) @ coef).float()):
         t0 = time.perf_counter()
-        mesh = extract_mesh(transmitter.decoder, z, grid_size=grid)
+        mesh = extract_mesh(decoder, z, grid_size=grid)
         tally.seconds += time.perf_counter() - t0
         tally.add(k, mesh, score_mesh(mesh, ObjectSpec(*kind_from_index(k))))
     return tally, fit_mse
