@@ -142,22 +142,17 @@ def main(args) -> int:
     label = f"{args.sampler}-{args.steps or 'default'}"
     if args.guidance is not None:
         label += f", g{args.guidance:g}"
-    if args.ceiling:  # a perfect prior's scores: encode + decode instances of each kind
-        from .ceiling import autoencoder_ceiling
+    if args.ceiling:  # a perfect prior's scores (encode + decode instances of each kind), then the targets
+        from .ceiling import autoencoder_ceiling, ground_truth_meshes
 
-        for split, kinds in splits:
-            tally = autoencoder_ceiling(kinds, model=args.model, seeds=args.seeds)
-            name = f"autoencoder ceiling {split}"
-            rows[name] = tally.row(_rprec(tally, clip))
-            print_table({name: rows[name]})
-    if args.ceiling:  # the targets themselves: the R-precision that perfect meshes get from the mini CLIP
-        from .ceiling import ground_truth_meshes
-
-        for split, kinds in splits:
-            tally = ground_truth_meshes(kinds)
-            name = f"ground-truth meshes {split}"
-            rows[name] = tally.row(_rprec(tally, clip))
-            print_table({name: rows[name]})
+        for what, score in (("autoencoder ceiling", lambda ks: autoencoder_ceiling(ks, model=args.model,
+                                                                                   seeds=args.seeds)),
+                            ("ground-truth meshes", ground_truth_meshes)):
+            for split, kinds in splits:
+                tally = score(kinds)
+                name = f"{what} {split}"
+                rows[name] = tally.row(_rprec(tally, clip))
+                print_table({name: rows[name]})
     if args.additive_ceiling:  # a prior that composes (shape, aspect) + colour additively in latent space
         from .ceiling import additive_ceiling
 

@@ -100,11 +100,13 @@ def _jsonable(x):
     return x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x)
 
 
-def seed_from_weights(weights: str | Path, root: Path) -> dict:
+def seed_from_weights(weights: str | Path, root: Path, *, missing_priors: bool = False) -> dict:
     """Write an exported folder's CLIP and transmitter as finished stage outputs of the run in ``root``.
 
     The priors are trained on latents of exactly this encoder, so the result stays consistent with the decoder
-    (fine-tuned or not) that ships next to them. Returns the exported folder's training record.
+    (fine-tuned or not) that ships next to them. With ``missing_priors`` (``export --from-weights``) a prior the
+    run did not train (no ``<mode>_prior/prior.safetensors``) is taken over from the folder unchanged, so a run may
+    fine-tune one prior only. Returns the exported folder's training record.
     """
     from safetensors.torch import save_file
 
@@ -126,27 +128,13 @@ def seed_from_weights(weights: str | Path, root: Path) -> dict:
         for fname, blob in extra.items():
             (folder / fname).write_text(json.dumps(blob, indent=2))
         _mark(folder, {"from_weights": str(weights)})
-    return manifest.get("training", {})
-
-
-def fill_priors_from_weights(weights: str | Path, root: Path) -> list[str]:
-    """For ``export --from-weights``: a prior the run did not train (no ``<mode>_prior/prior.safetensors``) is
-    taken over from the weights folder unchanged, so a run may fine-tune one prior only. Returns the modes filled."""
-    from safetensors.torch import load_file, save_file
-
-    from engine.mini_weights import load_mini
-
-    filled = []
-    for mode in ("text", "image"):
+    for mode in ("text", "image") if missing_priors else ():
         target = root / f"{mode}_prior" / "prior.safetensors"
-        if target.exists():
-            continue
-        load_mini("cpu", weights)  # verifies every SHA-256 before a file is used
-        target.parent.mkdir(parents=True, exist_ok=True)
-        state = load_file(str(Path(weights) / f"{mode}_prior.safetensors"))
-        save_file({k: v.float().contiguous() for k, v in state.items()}, str(target))
-        filled.append(mode)
-    return filled
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().float().contiguous() for k, v in parts[f"{mode}_prior"].state_dict().items()},
+                      str(target))
+    return manifest.get("training", {})
 
 
 def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to: str | None = None,
@@ -255,8 +243,7 @@ def main(argv=None) -> None:
             root = Path(a.out)
             if any((root / stage).exists() for stage in ("clip", "transmitter")):
                 raise SystemExit(f"{root} has its own clip/ or transmitter/ stage: export without --from-weights")
-            info = {**seed_from_weights(a.from_weights, root), **info}
-            fill_priors_from_weights(a.from_weights, root)
+            info = {**seed_from_weights(a.from_weights, root, missing_priors=True), **info}
         meta = export_mini(a.out, a.export_to or DEFAULT_EXPORT, training=info)
         print(f"exported {meta['total_bytes'] / 1e6:.2f} MB")
 
