@@ -32,9 +32,12 @@ class Tally:
     meshes: list = field(default_factory=list)
     yaw_spread: list = field(default_factory=list)
     color_spread: list = field(default_factory=list)
+    misses: list = field(default_factory=list)  # (kind, predicted shape, aspect, colour) of each wrong answer
     seconds: float = 0.0
 
     def add(self, kind: int, mesh, score: dict) -> None:
+        if not (score["shape_correct"] and score["color_correct"]):
+            self.misses.append((kind, score["pred_shape"], score["pred_aspect"], score["pred_color"]))
         self.shape.append(score["shape_correct"])
         self.iou.append(score["iou"])
         self.color.append(score["color_correct"])
@@ -48,7 +51,20 @@ class Tally:
                 "color_acc": float(np.mean(self.color)) if n else 0.0, "r_precision": rprec,
                 "yaw_spread_deg": float(np.mean(self.yaw_spread)) if self.yaw_spread else None,
                 "color_spread": float(np.mean(self.color_spread)) if self.color_spread else None,
-                "s_per_item": self.seconds / max(n, 1)}
+                "s_per_item": self.seconds / max(n, 1), **self.error_breakdown()}
+
+    def error_breakdown(self) -> dict:
+        """How the wrong answers are wrong: another shape, the right shape in another aspect, another colour."""
+        shape = aspect = color = 0
+        misses = []
+        for k, ps, pa, pc in self.misses:
+            s, a, c = kind_from_index(k)
+            shape += ps != s
+            aspect += ps == s and pa != a
+            color += pc != c
+            got = "empty mesh" if ps < 0 else ObjectSpec(ps, pa, pc).describe()
+            misses.append(f"{ObjectSpec(s, a, c).describe()} -> {got}")
+        return {"wrong_shape": shape, "wrong_aspect_only": aspect, "wrong_color": color, "misses": misses}
 
 
 def prompt_for(spec: ObjectSpec) -> str:
@@ -175,6 +191,9 @@ def main(args) -> int:
             name = f"{mode} {split} ({label})"
             rows[name] = tally.row(_rprec(tally, clip))
             print_table({name: rows[name]})
+            r = rows[name]
+            print(f"  wrong answers: another shape {r['wrong_shape']}, the shape in another aspect "
+                  f"{r['wrong_aspect_only']}, another colour {r['wrong_color']} (of {r['n']}; --json lists them)")
     print()
     print(f"model {args.model}, {args.seeds} seeds per kind, {len(held)} held-out kinds "
           f"({len(held) // len(ASPECTS)} pairs x {len(ASPECTS)} aspects), {len(trained)} trained kinds")

@@ -56,3 +56,24 @@ def test_ground_truth_meshes_score_perfectly_on_shape_and_colour():
     assert tally.kinds == kinds
     assert all(tally.shape) and all(tally.color), [kind_from_index(k) for k in kinds]  # the metric's own sanity
     assert min(tally.iou) > 0.9
+    row = tally.row(None)
+    assert (row["wrong_shape"], row["wrong_aspect_only"], row["wrong_color"], row["misses"]) == (0, 0, 0, [])
+
+
+def test_error_breakdown_says_how_each_wrong_answer_is_wrong():
+    from engine.eval.run import Tally
+    from engine.training.world import kind_index
+
+    tally = Tally()
+    right = {"shape_correct": True, "color_correct": True, "iou": 0.9}
+    tally.add(kind_index(0, 0, 0), None, {**right, "pred_shape": 0, "pred_aspect": 0, "pred_color": 0})
+    tally.add(kind_index(0, 0, 0), None, {**right, "shape_correct": False, "pred_shape": 1, "pred_aspect": 0,
+                                          "pred_color": 0})
+    tally.add(kind_index(2, 0, 3), None, {**right, "shape_correct": False, "color_correct": False,
+                                          "pred_shape": 2, "pred_aspect": 1, "pred_color": 4})
+    tally.add(kind_index(2, 0, 3), None, {"shape_correct": False, "color_correct": False, "iou": 0.0,
+                                          "pred_shape": -1, "pred_aspect": -1, "pred_color": -1})
+    row = tally.row(None)
+    assert (row["wrong_shape"], row["wrong_aspect_only"], row["wrong_color"]) == (2, 1, 2)
+    assert len(row["misses"]) == 3 and row["misses"][-1].endswith("-> empty mesh")
+    assert " -> " in row["misses"][0] and row["misses"][0].split(" -> ")[0] != row["misses"][0].split(" -> ")[1]
