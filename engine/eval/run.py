@@ -32,12 +32,11 @@ class Tally:
     meshes: list = field(default_factory=list)
     yaw_spread: list = field(default_factory=list)
     color_spread: list = field(default_factory=list)
-    misses: list = field(default_factory=list)  # (kind, predicted shape, aspect, colour) of each wrong answer
+    predicted: list = field(default_factory=list)  # (shape, aspect, colour) the metric read off each mesh
     seconds: float = 0.0
 
     def add(self, kind: int, mesh, score: dict) -> None:
-        if not (score["shape_correct"] and score["color_correct"]):
-            self.misses.append((kind, score["pred_shape"], score["pred_aspect"], score["pred_color"]))
+        self.predicted.append((score["pred_shape"], score["pred_aspect"], score["pred_color"]))
         self.shape.append(score["shape_correct"])
         self.iou.append(score["iou"])
         self.color.append(score["color_correct"])
@@ -57,7 +56,9 @@ class Tally:
         """How the wrong answers are wrong: another shape, the right shape in another aspect, another colour."""
         shape = aspect = color = 0
         misses = []
-        for k, ps, pa, pc in self.misses:
+        for k, (ps, pa, pc), ok_shape, ok_color in zip(self.kinds, self.predicted, self.shape, self.color):
+            if ok_shape and ok_color:
+                continue
             s, a, c = kind_from_index(k)
             shape += ps != s
             aspect += ps == s and pa != a

@@ -40,6 +40,15 @@ def test_bundle_json_round_trip(mode):
     assert C.from_dict(C.ModelBundleConfig, C.to_dict(b)) == b
 
 
+@pytest.mark.parametrize("mode", ["text", "image"])
+def test_shipped_manifest_agrees_with_mini_config(mode):
+    # the loader takes sizes and sampler defaults from the shipped mini.json; a change to mini_config.py that was
+    # not exported into the weights folder would otherwise be silently ignored
+    from engine.mini_weights import bundles, read_manifest
+
+    assert bundles(read_manifest())[mode] == mini_bundle(mode)
+
+
 def test_unknown_field_rejected():
     with pytest.raises(ValueError, match="unknown config field"):
         C.from_dict(C.SamplerConfig, {"stepz": 3})
