@@ -31,9 +31,14 @@ def encode_bank(transmitter, bank, batch: int = 16) -> torch.Tensor:
     return torch.cat(out)  # (N, d_latent)
 
 
-def losses(decoder, latents, bank, idx, tcfg, gen) -> dict[str, torch.Tensor]:
+def losses(decoder, latents, bank, idx, tcfg, gen, latent_noise: float = 0.0) -> dict[str, torch.Tensor]:
+    """latent_noise: Gaussian noise added to the latents, in units of their standard deviation over the bank, so
+    that the decoder maps a neighbourhood of each encoder latent (where a prior's samples land) to its object."""
     pts, sdf = query_points(bank, idx, tcfg, gen)
-    out = decoder(latents[idx], pts, outputs=("sdf", "stf_rgb"))
+    z = latents[idx]
+    if latent_noise > 0:
+        z = z + torch.randn(z.shape, generator=gen) * (latent_noise * latents.std())
+    out = decoder(z, pts, outputs=("sdf", "stf_rgb"))
     target = torch.tanh(sdf * tcfg.sdf_scale)
     sdf_loss = (out["sdf"] - target).square().mean() + (out["sdf"] - target).abs().mean()
     band = (sdf.abs() < tcfg.color_band).float()
@@ -56,6 +61,35 @@ def grid_iou(decoder, latents, bank, grid: int = 32) -> float:
     return float(torch.cat(ious).mean())
 
 
+@torch.no_grad()
+def surface_color_accuracy(decoder, latents, bank, points: int = 256) -> float:
+    """Fraction of objects whose mean decoded colour on exact surface samples is nearest (CIELAB) their palette
+    colour: the eval's colour metric without marching cubes."""
+    from ..eval.metrics import nearest_palette_color
+
+    hits = []
+    for s in range(0, len(latents), 8):
+        idx = torch.arange(s, min(s + 8, len(latents)))
+        rgb = decoder(latents[idx], bank.surface[idx][:, :points], outputs=("stf_rgb",))["stf_rgb"]
+        for i, mean in zip(idx.tolist(), rgb.float().mean(1).clamp(0, 1).numpy()):
+            hits.append(nearest_palette_color(mean) == int(bank.color[i]))
+    return sum(hits) / max(len(hits), 1)
+
+
+def field_metrics(decoder, latents, bank, held_latents, held) -> dict[str, float]:
+    return {"train_iou": grid_iou(decoder, latents[:48], bank), "heldout_iou": grid_iou(decoder, held_latents, held),
+            "train_color_acc": surface_color_accuracy(decoder, latents[:96], bank),
+            "heldout_color_acc": surface_color_accuracy(decoder, held_latents, held)}
+
+
+def improved(before: dict, after: dict, iou_tolerance: float = 0.005) -> bool:
+    """Keep the fine-tune when held-out IoU and colour are no worse (IoU within the tolerance) and one is better."""
+    iou_ok = after["heldout_iou"] >= before["heldout_iou"] - iou_tolerance
+    col_ok = after["heldout_color_acc"] >= before["heldout_color_acc"]
+    better = after["heldout_iou"] > before["heldout_iou"] or after["heldout_color_acc"] > before["heldout_color_acc"]
+    return iou_ok and col_ok and better
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "weights" / "mini"))
@@ -64,6 +98,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--color-weight", type=float, default=TransmitterTrainConfig.color_weight,
+                    help="weight of the surface-band colour MSE against the SDF loss")
+    ap.add_argument("--latent-noise", type=float, default=0.0,
+                    help="train on latents plus Gaussian noise of this many latent standard deviations")
+    ap.add_argument("--heldout", type=int, default=48, help="held-out objects for the before/after check")
+    ap.add_argument("--record", default="decoder_finetune", help="name of the training record in mini.json")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -75,12 +115,13 @@ def main(argv=None) -> dict:
     parts = load_mini("cpu", args.weights)
     transmitter = parts["transmitter"].float()
     cfg = parts["configs"]["text"]
-    tcfg = TransmitterTrainConfig(n_surface=256, n_near=512, n_uniform=256, bank_surface=2048)
+    tcfg = TransmitterTrainConfig(n_surface=256, n_near=512, n_uniform=256, bank_surface=2048,
+                                  color_weight=args.color_weight)
     bank = make_bank(args.objects, "train", args.seed, cfg.encoder, tcfg, "cpu")
-    held = make_bank(48, "heldout", 888_888, cfg.encoder, tcfg, "cpu")
+    held = make_bank(args.heldout, "heldout", 888_888, cfg.encoder, tcfg, "cpu")
     latents, held_latents = encode_bank(transmitter, bank), encode_bank(transmitter, held)
     decoder = transmitter.decoder
-    before = {"train_iou": grid_iou(decoder, latents[:48], bank), "heldout_iou": grid_iou(decoder, held_latents, held)}
+    before = field_metrics(decoder, latents, bank, held_latents, held)
     print(f"[finetune] {len(bank)} objects encoded in {time.time() - t_start:.0f} s; before: {before}", flush=True)
     params = [p for p in decoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -88,22 +129,23 @@ def main(argv=None) -> dict:
     step, t0 = 0, time.time()
     while time.time() - t0 < args.seconds:
         idx = torch.randint(len(bank), (args.batch,), generator=gen)
-        m = losses(decoder, latents, bank, idx, tcfg, gen)
+        m = losses(decoder, latents, bank, idx, tcfg, gen, args.latent_noise)
         opt.zero_grad(set_to_none=True)
         m["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         if step % 50 == 0:
-            print(f"[finetune] step {step} loss {float(m['loss']):.4f} sdf {float(m['sdf']):.4f} "
-                  f"colour {float(m['color']):.4f} ({time.time() - t0:.0f} s)", flush=True)
+            print(f"[finetune] step {step} loss {m['loss'].item():.4f} sdf {m['sdf'].item():.4f} "
+                  f"colour {m['color'].item():.4f} ({time.time() - t0:.0f} s)", flush=True)
     decoder.eval()
-    after = {"train_iou": grid_iou(decoder, latents[:48], bank), "heldout_iou": grid_iou(decoder, held_latents, held)}
+    after = field_metrics(decoder, latents, bank, held_latents, held)
     print(f"[finetune] {step} steps; after: {after}", flush=True)
-    record = {"steps": step, "seconds": round(time.time() - t_start), "objects": len(bank), "before": before,
-              "after": after, "device": "cpu"}
-    if after["heldout_iou"] <= before["heldout_iou"]:
-        print("[finetune] no held-out improvement: weights left unchanged", flush=True)
+    record = {"steps": step, "seconds": round(time.time() - t_start), "objects": len(bank),
+              "color_weight": args.color_weight, "latent_noise": args.latent_noise, "lr": args.lr,
+              "before": before, "after": after, "device": "cpu"}
+    if not improved(before, after):
+        print("[finetune] held-out IoU or colour got worse: weights left unchanged", flush=True)
         return record
     from safetensors.torch import save_file
 
@@ -114,8 +156,8 @@ def main(argv=None) -> dict:
     tmp.replace(path)
     manifest = json.loads((wdir / "mini.json").read_text())
     manifest["files"]["transmitter.safetensors"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest.setdefault("training", {})["decoder_finetune"] = record
-    (wdir / "mini.json.tmp").write_text(json.dumps(manifest, indent=1))
+    manifest.setdefault("training", {})[args.record] = record
+    (wdir / "mini.json.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
     (wdir / "mini.json.tmp").replace(wdir / "mini.json")
     print(f"[finetune] wrote {path}", flush=True)
     return record

@@ -1,0 +1,38 @@
+"""Decoder fine-tune (stage b2): its keep-or-discard rule and one tiny run on a copy of the shipped weights."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from engine.training import finetune_decoder as fd
+
+MINI = Path(fd.__file__).resolve().parents[1] / "weights" / "mini"
+
+
+def _m(iou, col):
+    return {"heldout_iou": iou, "heldout_color_acc": col}
+
+
+def test_keeps_only_a_held_out_gain_without_a_loss():
+    assert fd.improved(_m(0.80, 0.80), _m(0.81, 0.80))
+    assert fd.improved(_m(0.80, 0.80), _m(0.797, 0.85))  # IoU within the tolerance, colour better
+    assert not fd.improved(_m(0.80, 0.80), _m(0.80, 0.80))  # nothing better
+    assert not fd.improved(_m(0.80, 0.80), _m(0.79, 0.90))  # IoU lost beyond the tolerance
+    assert not fd.improved(_m(0.80, 0.80), _m(0.85, 0.79))  # colour lost
+
+
+def test_a_short_run_records_its_metrics_and_keeps_the_manifest_consistent(tmp_path):
+    folder = tmp_path / "mini"
+    shutil.copytree(MINI, folder)
+    record = fd.main(["--weights", str(folder), "--seconds", "1", "--objects", "8", "--heldout", "8",
+                      "--color-weight", "8", "--record", "decoder_finetune_test"])
+    for key in ("train_iou", "heldout_iou", "train_color_acc", "heldout_color_acc"):
+        assert 0.0 <= record["before"][key] <= 1.0 and 0.0 <= record["after"][key] <= 1.0
+    assert record["color_weight"] == 8 and record["steps"] >= 1
+    manifest = json.loads((folder / "mini.json").read_text())
+    data = (folder / "transmitter.safetensors").read_bytes()
+    assert manifest["files"]["transmitter.safetensors"]["sha256"] == hashlib.sha256(data).hexdigest()
+    kept = fd.improved(record["before"], record["after"])
+    assert ("decoder_finetune_test" in manifest["training"]) == kept
+    assert (data == (MINI / "transmitter.safetensors").read_bytes()) != kept
