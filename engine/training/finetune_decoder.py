@@ -31,13 +31,13 @@ def encode_bank(transmitter, bank, batch: int = 16) -> torch.Tensor:
     return torch.cat(out)  # (N, d_latent)
 
 
-def losses(decoder, latents, bank, idx, tcfg, gen, latent_noise: float = 0.0) -> dict[str, torch.Tensor]:
-    """latent_noise: Gaussian noise added to the latents, in units of their standard deviation over the bank, so
-    that the decoder maps a neighbourhood of each encoder latent (where a prior's samples land) to its object."""
+def losses(decoder, latents, bank, idx, tcfg, gen, noise_sd: float = 0.0) -> dict[str, torch.Tensor]:
+    """noise_sd: standard deviation of Gaussian noise added to the latents, so that the decoder maps a
+    neighbourhood of each encoder latent (where a prior's samples land) to its object."""
     pts, sdf = query_points(bank, idx, tcfg, gen)
     z = latents[idx]
-    if latent_noise > 0:
-        z = z + torch.randn(z.shape, generator=gen) * (latent_noise * latents.std())
+    if noise_sd > 0:
+        z = z + torch.randn(z.shape, generator=gen) * noise_sd
     out = decoder(z, pts, outputs=("sdf", "stf_rgb"))
     target = torch.tanh(sdf * tcfg.sdf_scale)
     sdf_loss = (out["sdf"] - target).square().mean() + (out["sdf"] - target).abs().mean()
@@ -126,10 +126,11 @@ def main(argv=None) -> dict:
     params = [p for p in decoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
+    noise_sd = args.latent_noise * float(latents.std())  # --latent-noise is in latent standard deviations
     step, t0 = 0, time.time()
     while time.time() - t0 < args.seconds:
         idx = torch.randint(len(bank), (args.batch,), generator=gen)
-        m = losses(decoder, latents, bank, idx, tcfg, gen, args.latent_noise)
+        m = losses(decoder, latents, bank, idx, tcfg, gen, noise_sd)
         opt.zero_grad(set_to_none=True)
         m["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -26,7 +26,7 @@ def test_a_short_run_records_its_metrics_and_keeps_the_manifest_consistent(tmp_p
     folder = tmp_path / "mini"
     shutil.copytree(MINI, folder)
     record = fd.main(["--weights", str(folder), "--seconds", "1", "--objects", "8", "--heldout", "8",
-                      "--color-weight", "8", "--record", "decoder_finetune_test"])
+                      "--color-weight", "8", "--latent-noise", "0.1", "--record", "decoder_finetune_test"])
     for key in ("train_iou", "heldout_iou", "train_color_acc", "heldout_color_acc"):
         assert 0.0 <= record["before"][key] <= 1.0 and 0.0 <= record["after"][key] <= 1.0
     assert record["color_weight"] == 8 and record["steps"] >= 1
