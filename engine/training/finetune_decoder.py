@@ -6,6 +6,10 @@ priors produce meaningful. It is cheap (no encoder in the loop), so it also runs
 
     python -m engine.training.finetune_decoder --weights engine/weights/mini --seconds 900 --objects 768
 
+``--prior-mix F`` draws a fraction F of every batch from the priors' own samples for train objects (text and
+image, ``prior_targets``), each paired with its object, so that the decoder also learns to decode what generation
+actually feeds it; the held-out check then scores the priors' samples for held-out objects as well.
+
 The updated transmitter is written back (fp16) and mini.json's SHA-256 and training record are updated.
 """
 
@@ -76,18 +80,29 @@ def surface_color_accuracy(decoder, latents, bank, points: int = 256) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
-def field_metrics(decoder, latents, bank, held_latents, held) -> dict[str, float]:
-    return {"train_iou": grid_iou(decoder, latents[:48], bank), "heldout_iou": grid_iou(decoder, held_latents, held),
-            "train_color_acc": surface_color_accuracy(decoder, latents[:96], bank),
-            "heldout_color_acc": surface_color_accuracy(decoder, held_latents, held)}
+def field_metrics(decoder, latents, bank, held_latents, held, held_prior=None) -> dict[str, float]:
+    """IoU and surface colour of encoder latents (train, held-out), and of the priors' samples for held-out
+    objects when ``held_prior`` = (latents, bank) is given."""
+    out = {"train_iou": grid_iou(decoder, latents[:48], bank), "heldout_iou": grid_iou(decoder, held_latents, held),
+           "train_color_acc": surface_color_accuracy(decoder, latents[:96], bank),
+           "heldout_color_acc": surface_color_accuracy(decoder, held_latents, held)}
+    if held_prior is not None:
+        out["heldout_prior_iou"] = grid_iou(decoder, *held_prior)
+        out["heldout_prior_color_acc"] = surface_color_accuracy(decoder, *held_prior)
+    return out
 
 
 def improved(before: dict, after: dict, iou_tolerance: float = 0.005) -> bool:
-    """Keep the fine-tune when held-out IoU and colour are no worse (IoU within the tolerance) and one is better."""
-    iou_ok = after["heldout_iou"] >= before["heldout_iou"] - iou_tolerance
-    col_ok = after["heldout_color_acc"] >= before["heldout_color_acc"]
-    better = after["heldout_iou"] > before["heldout_iou"] or after["heldout_color_acc"] > before["heldout_color_acc"]
-    return iou_ok and col_ok and better
+    """Keep the fine-tune when held-out IoU and colour are no worse (IoU within the tolerance) and one is better;
+    with prior samples scored too (``heldout_prior_*``), the same must hold for them."""
+    def ok(iou: str, col: str) -> tuple[bool, bool]:
+        no_worse = after[iou] >= before[iou] - iou_tolerance and after[col] >= before[col]
+        return no_worse, after[iou] > before[iou] or after[col] > before[col]
+
+    checks = [ok("heldout_iou", "heldout_color_acc")]
+    if "heldout_prior_iou" in before:
+        checks.append(ok("heldout_prior_iou", "heldout_prior_color_acc"))
+    return all(no_worse for no_worse, _ in checks) and any(better for _, better in checks)
 
 
 def main(argv=None) -> dict:
@@ -102,7 +117,15 @@ def main(argv=None) -> dict:
                     help="weight of the surface-band colour MSE against the SDF loss")
     ap.add_argument("--latent-noise", type=float, default=0.0,
                     help="train on latents plus Gaussian noise of this many latent standard deviations")
+    ap.add_argument("--prior-mix", type=float, default=0.0,
+                    help="fraction of each batch drawn from the priors' own samples for the train objects "
+                         "(engine.training.prior_targets) instead of encoder latents")
+    ap.add_argument("--prior-modes", default="text,image", help="which priors' samples --prior-mix uses")
+    ap.add_argument("--prior-objects", type=int, default=384, help="train objects sampled by each prior")
+    ap.add_argument("--prior-steps", type=int, default=8, help="DPM++ 2M steps per prior sample")
     ap.add_argument("--heldout", type=int, default=48, help="held-out objects for the before/after check")
+    ap.add_argument("--always-write", action="store_true",
+                    help="write the result even when the held-out check says it is worse (for experiments on a copy)")
     ap.add_argument("--record", default="decoder_finetune", help="name of the training record in mini.json")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
@@ -121,16 +144,37 @@ def main(argv=None) -> dict:
     held = make_bank(args.heldout, "heldout", 888_888, cfg.encoder, tcfg, "cpu")
     latents, held_latents = encode_bank(transmitter, bank), encode_bank(transmitter, held)
     decoder = transmitter.decoder
-    before = field_metrics(decoder, latents, bank, held_latents, held)
-    print(f"[finetune] {len(bank)} objects encoded in {time.time() - t_start:.0f} s; before: {before}", flush=True)
+    print(f"[finetune] {len(bank)} objects encoded in {time.time() - t_start:.0f} s", flush=True)
+    held_prior = prior_lat = None
+    if args.prior_mix > 0:
+        import dataclasses
+
+        from .object_bank import ObjectBank
+        from .prior_targets import prior_bank
+
+        modes = tuple(m.strip() for m in args.prior_modes.split(",") if m.strip())
+        pg = torch.Generator().manual_seed(args.seed + 1)
+        fast = dict(sampler="dpmpp_2m", steps=args.prior_steps)
+        sub = ObjectBank(**{f.name: getattr(bank, f.name)[:args.prior_objects] for f in dataclasses.fields(bank)})
+        prior_lat, pbank = prior_bank(parts, sub, modes, pg, seed=args.seed, **fast)
+        held_prior = prior_bank(parts, held, modes, pg, seed=10_000, training=False, **fast)
+        print(f"[finetune] {len(prior_lat)} prior samples ({', '.join(modes)}) ready at "
+              f"{time.time() - t_start:.0f} s", flush=True)
+    before = field_metrics(decoder, latents, bank, held_latents, held, held_prior)
+    print(f"[finetune] before: {before}", flush=True)
     params = [p for p in decoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     noise_sd = args.latent_noise * float(latents.std())  # --latent-noise is in latent standard deviations
+    n_prior = round(args.batch * args.prior_mix) if prior_lat is not None else 0
     step, t0 = 0, time.time()
     while time.time() - t0 < args.seconds:
-        idx = torch.randint(len(bank), (args.batch,), generator=gen)
+        idx = torch.randint(len(bank), (args.batch - n_prior,), generator=gen)
         m = losses(decoder, latents, bank, idx, tcfg, gen, noise_sd)
+        if n_prior:
+            mp = losses(decoder, prior_lat, pbank, torch.randint(len(pbank), (n_prior,), generator=gen), tcfg, gen)
+            w = n_prior / args.batch
+            m = {k: (1 - w) * m[k] + w * mp[k] for k in m}
         opt.zero_grad(set_to_none=True)
         m["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -140,12 +184,13 @@ def main(argv=None) -> dict:
             print(f"[finetune] step {step} loss {m['loss'].item():.4f} sdf {m['sdf'].item():.4f} "
                   f"colour {m['color'].item():.4f} ({time.time() - t0:.0f} s)", flush=True)
     decoder.eval()
-    after = field_metrics(decoder, latents, bank, held_latents, held)
+    after = field_metrics(decoder, latents, bank, held_latents, held, held_prior)
     print(f"[finetune] {step} steps; after: {after}", flush=True)
     record = {"steps": step, "seconds": round(time.time() - t_start), "objects": len(bank),
               "color_weight": args.color_weight, "latent_noise": args.latent_noise, "lr": args.lr,
+              "prior_mix": args.prior_mix, "prior_modes": args.prior_modes if n_prior else "",
               "before": before, "after": after, "device": "cpu"}
-    if not improved(before, after):
+    if not improved(before, after) and not args.always_write:
         print("[finetune] held-out IoU or colour got worse: weights left unchanged", flush=True)
         return record
     from safetensors.torch import save_file

@@ -22,14 +22,26 @@ def test_keeps_only_a_held_out_gain_without_a_loss():
     assert not fd.improved(_m(0.80, 0.80), _m(0.85, 0.79))  # colour lost
 
 
+def test_with_prior_samples_scored_both_must_hold():
+    def m(iou, col, piou, pcol):
+        return {**_m(iou, col), "heldout_prior_iou": piou, "heldout_prior_color_acc": pcol}
+
+    assert fd.improved(m(0.8, 0.8, 0.7, 0.7), m(0.8, 0.8, 0.72, 0.7))  # only the prior samples gained
+    assert fd.improved(m(0.8, 0.8, 0.7, 0.7), m(0.82, 0.8, 0.7, 0.7))  # only the encoder latents gained
+    assert not fd.improved(m(0.8, 0.8, 0.7, 0.7), m(0.85, 0.9, 0.7, 0.65))  # prior-sample colour lost
+    assert not fd.improved(m(0.8, 0.8, 0.7, 0.7), m(0.7, 0.8, 0.8, 0.9))  # encoder IoU lost
+
+
 def test_a_short_run_records_its_metrics_and_keeps_the_manifest_consistent(tmp_path):
     folder = tmp_path / "mini"
     shutil.copytree(MINI, folder)
     record = fd.main(["--weights", str(folder), "--seconds", "1", "--objects", "8", "--heldout", "8",
-                      "--color-weight", "8", "--latent-noise", "0.1", "--record", "decoder_finetune_test"])
-    for key in ("train_iou", "heldout_iou", "train_color_acc", "heldout_color_acc"):
+                      "--color-weight", "8", "--latent-noise", "0.1", "--record", "decoder_finetune_test",
+                      "--prior-mix", "0.5", "--prior-objects", "4", "--prior-steps", "2"])
+    for key in ("train_iou", "heldout_iou", "train_color_acc", "heldout_color_acc", "heldout_prior_iou",
+                "heldout_prior_color_acc"):
         assert 0.0 <= record["before"][key] <= 1.0 and 0.0 <= record["after"][key] <= 1.0
-    assert record["color_weight"] == 8 and record["steps"] >= 1
+    assert record["color_weight"] == 8 and record["steps"] >= 1 and record["prior_mix"] == 0.5
     manifest = json.loads((folder / "mini.json").read_text())
     data = (folder / "transmitter.safetensors").read_bytes()
     assert manifest["files"]["transmitter.safetensors"]["sha256"] == hashlib.sha256(data).hexdigest()
