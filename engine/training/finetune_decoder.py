@@ -129,6 +129,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--record", default="decoder_finetune", help="name of the training record in mini.json")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
+    if not 0.0 <= args.prior_mix <= 1.0:
+        ap.error("--prior-mix is a fraction of the batch: give a value from 0 to 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..mini_weights import load_mini
@@ -169,12 +171,14 @@ def main(argv=None) -> dict:
     n_prior = round(args.batch * args.prior_mix) if prior_lat is not None else 0
     step, t0 = 0, time.time()
     while time.time() - t0 < args.seconds:
-        idx = torch.randint(len(bank), (args.batch - n_prior,), generator=gen)
-        m = losses(decoder, latents, bank, idx, tcfg, gen, noise_sd)
+        shares = []  # (weight, losses) of the encoder-latent and the prior-sample share of the batch
+        if n_prior < args.batch:
+            idx = torch.randint(len(bank), (args.batch - n_prior,), generator=gen)
+            shares.append((1 - n_prior / args.batch, losses(decoder, latents, bank, idx, tcfg, gen, noise_sd)))
         if n_prior:
-            mp = losses(decoder, prior_lat, pbank, torch.randint(len(pbank), (n_prior,), generator=gen), tcfg, gen)
-            w = n_prior / args.batch
-            m = {k: (1 - w) * m[k] + w * mp[k] for k in m}
+            idx = torch.randint(len(pbank), (n_prior,), generator=gen)
+            shares.append((n_prior / args.batch, losses(decoder, prior_lat, pbank, idx, tcfg, gen)))
+        m = {k: sum(w * part[k] for w, part in shares) for k in shares[0][1]}
         opt.zero_grad(set_to_none=True)
         m["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
