@@ -158,14 +158,18 @@ def _mini_parts(device) -> dict:
     return _cache[key]
 
 
-def _load_mini(bundle: ModelBundleConfig, mode: str, device) -> LoadedModel:
+def mini_model(parts: dict, mode: str, device) -> LoadedModel:
+    """The ``mode`` model of mini parts loaded by ``mini_weights.load_mini`` (any weights folder)."""
     from .conditioning.clip import ClipConditioner
 
-    parts = _mini_parts(device)
-    bundle = parts["configs"][mode]  # the shipped manifest is the truth for the sizes of the shipped weights
+    bundle = parts["configs"][mode]  # the manifest is the truth for the sizes of its weights
     clip = ClipConditioner(bundle.clip, parts["clip"], device=device)
     prior = parts[f"{mode}_prior"]
     return LoadedModel("mini", mode, bundle, clip, prior, parts["decoder"], _nbytes(prior, parts["decoder"]))
+
+
+def _load_mini(bundle: ModelBundleConfig, mode: str, device) -> LoadedModel:
+    return mini_model(_mini_parts(device), mode, device)
 
 
 def load_transmitter(name: str, device):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .train_transmitter import TransmitterTrainConfig, make_bank, query_points
+from .train_transmitter import TransmitterTrainConfig, grid_points, make_bank, query_points
 from .world import signed_distance_tensors
 
 
@@ -53,8 +53,7 @@ def losses(decoder, latents, bank, idx, tcfg, gen, noise_sd: float = 0.0) -> dic
 
 @torch.no_grad()
 def grid_iou(decoder, latents, bank, grid: int = 32) -> float:
-    lin = torch.linspace(-1, 1, grid)
-    gp = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(1, -1, 3)
+    gp = grid_points(grid, "cpu")
     ious = []
     for s in range(0, len(latents), 8):
         idx = torch.arange(s, min(s + 8, len(latents)))
@@ -149,16 +148,13 @@ def main(argv=None) -> dict:
     print(f"[finetune] {len(bank)} objects encoded in {time.time() - t_start:.0f} s", flush=True)
     held_prior = prior_lat = None
     if args.prior_mix > 0:
-        import dataclasses
-
-        from .object_bank import ObjectBank
         from .prior_targets import prior_bank
 
         modes = tuple(m.strip() for m in args.prior_modes.split(",") if m.strip())
         pg = torch.Generator().manual_seed(args.seed + 1)
         fast = dict(sampler="dpmpp_2m", steps=args.prior_steps)
-        sub = ObjectBank(**{f.name: getattr(bank, f.name)[:args.prior_objects] for f in dataclasses.fields(bank)})
-        prior_lat, pbank = prior_bank(parts, sub, modes, pg, seed=args.seed, **fast)
+        prior_lat, pbank = prior_bank(parts, bank.select(slice(args.prior_objects)), modes, pg, seed=args.seed,
+                                      **fast)
         held_prior = prior_bank(parts, held, modes, pg, seed=10_000, training=False, **fast)
         print(f"[finetune] {len(prior_lat)} prior samples ({', '.join(modes)}) ready at "
               f"{time.time() - t_start:.0f} s", flush=True)

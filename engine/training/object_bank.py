@@ -131,6 +131,10 @@ class ObjectBank:
             camera_z=cam[:, 3].reshape(B, V, 3),
         )
 
+    def select(self, idx: torch.Tensor | slice) -> "ObjectBank":
+        """The bank of rows ``idx`` (an index tensor or a slice)."""
+        return ObjectBank(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
     def specs(self, idx: torch.Tensor | None = None) -> list[ObjectSpec]:
         idx = torch.arange(len(self)) if idx is None else idx.cpu()
         return [ObjectSpec(int(self.shape[i]), int(self.aspect[i]), int(self.color[i]), float(self.yaw[i]),
