@@ -14,6 +14,8 @@ from pathlib import Path
 from .config import ModelBundleConfig, official_bundle
 from .records import EngineError
 
+# the folder 'mini' is served from (use_mini_weights swaps it); the same default as mini_weights.MINI_DIR, spelt
+# out here because importing mini_weights pulls in torch, which listing the models must not need
 MINI_DIR = Path(__file__).parent / "weights" / "mini"
 
 OFFICIAL_HINT = ("the embedded 'mini' model only knows simple coloured primitives (cube, sphere, cylinder, cone, "

@@ -74,13 +74,13 @@ def prompt_for(spec: ObjectSpec) -> str:
 
 def condition_image(spec: ObjectSpec, seed: int, size: int = 128) -> np.ndarray:
     """A render of the target from a random view and yaw on a plain background, as 8-bit sRGB (what a PNG holds)."""
-    from ..training.render_world import condition_images
+    from ..training.render_world import condition_images, to_srgb8
 
     g = torch.Generator().manual_seed(10_000 + seed)
     yaw = float(torch.rand(1, generator=g)) * np.pi / 2 if spec.shape in YAWED_SHAPES else 0.0
     target = ObjectSpec(spec.shape, spec.aspect, spec.color, yaw=yaw)
     img = condition_images([target], g, size=size)[0]
-    return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+    return to_srgb8(img)
 
 
 def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int | None, sampler: str,

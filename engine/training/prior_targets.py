@@ -30,7 +30,7 @@ def sample_for_specs(parts: dict, specs: list[ObjectSpec], mode: str, generator:
     from .. import device as devices
     from ..pipeline import sample_latents
     from ..registry import mini_model
-    from .render_world import condition_images
+    from .render_world import condition_images, to_srgb8
 
     model = mini_model(parts, mode, "cpu")
     cfg = model.bundle.sampler
@@ -42,7 +42,7 @@ def sample_for_specs(parts: dict, specs: list[ObjectSpec], mode: str, generator:
             cond = model.clip.embed_text([caption(sp, generator) for sp in chunk])
         else:
             imgs = condition_images(chunk, generator, size=128)
-            cond = model.clip.embed_image_grid((imgs.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy())
+            cond = model.clip.embed_image_grid(to_srgb8(imgs))
         seeds = [seed + s + i for i in range(len(chunk))]
         out.append(sample_latents(model, cond.float(), seeds=seeds, steps=steps or cfg.steps,
                                   guidance=cfg.guidance_scale, sampler=sampler or cfg.sampler, placement=placement))

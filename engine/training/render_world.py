@@ -159,3 +159,8 @@ def condition_images(specs: list[ObjectSpec], generator: torch.Generator, *, siz
         bg = torch.tensor(background, dtype=torch.float32)
     out = render(specs, cams, background=bg, supersample=supersample, device=device)
     return out["rgb"][:, 0]
+
+
+def to_srgb8(images: torch.Tensor):
+    """sRGB floats in [0, 1] -> uint8 numpy array, rounded as a PNG would store them (what a user's image holds)."""
+    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
