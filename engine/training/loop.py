@@ -278,3 +278,61 @@ def progress(total: int, initial: int, enabled: bool):
             pass
 
     return _Null()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One stage's optimisation state
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler, sched,
+                   grad_clip: float, ema: EMA | None = None) -> None:
+    """Backward (through the grad scaler), clip the gradient norm, step the optimizer and schedule, update the EMA."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    if ema is not None:
+        ema.update(model)
+
+
+@dataclass
+class Stage:
+    """What a trainer's loop holds: the DDP-wrapped model, AdamW, its warmup-cosine schedule, the EMA, the
+    checkpoint, the grad scaler, the metric log, the progress bar and the step it starts (or resumes) at."""
+
+    ddp: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA
+    ckpt: Checkpointer
+    scaler: torch.amp.GradScaler
+    log: MetricLogger
+    bar: object
+    start: int
+
+    def step(self, loss: torch.Tensor, model: torch.nn.Module, grad_clip: float) -> None:
+        optimizer_step(loss, model, self.opt, self.scaler, self.sched, grad_clip, self.ema)
+
+    def save(self, step: int, model: torch.nn.Module) -> None:
+        self.ckpt.save(step, model, self.opt, self.sched, self.ema)
+
+
+def start_stage(model: torch.nn.Module, out_dir: str, info: DistInfo, *, steps: int, lr: float,
+                weight_decay: float, warmup: int, ema_decay: float, amp: str, log_every: int,
+                resume: bool = False) -> Stage:
+    """Build a ``Stage`` for ``model`` (already on its device); with ``resume``, continue from ``out_dir``'s
+    checkpoint when there is one. The bar shows on rank 0 for runs of more than 50 steps."""
+    opt = build_optimizer(model, lr, weight_decay)
+    sched = warmup_cosine(opt, warmup, steps)
+    ema = EMA(model, ema_decay)
+    ckpt = Checkpointer(out_dir)
+    start = 0
+    if resume and ckpt.exists():
+        start, _ = ckpt.load(model, opt, sched, ema, map_location=info.device)
+    return Stage(ddp=wrap_ddp(model, info), opt=opt, sched=sched, ema=ema, ckpt=ckpt,
+                 scaler=make_grad_scaler(info.device, amp),
+                 log=MetricLogger(os.path.join(out_dir, "metrics.jsonl"), log_every, enabled=info.is_main),
+                 bar=progress(steps, start, info.is_main and steps - start > 50), start=start)

@@ -183,51 +183,36 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
 
         model.load_state_dict({k: v.float() for k, v in load_file(tcfg.init).items()}, strict=True)
     model.to(dev)
-    opt = loop.build_optimizer(model, tcfg.lr, tcfg.weight_decay)
-    sched = loop.warmup_cosine(opt, tcfg.warmup, tcfg.steps)
-    ema = loop.EMA(model, tcfg.ema_decay)
-    ckpt = loop.Checkpointer(out_dir)
-    start = 0
-    if resume and ckpt.exists():
-        start, _ = ckpt.load(model, opt, sched, ema, map_location=dev)
-    ddp = loop.wrap_ddp(model, info)
+    st = loop.start_stage(model, out_dir, info, steps=tcfg.steps, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                          warmup=tcfg.warmup, ema_decay=tcfg.ema_decay, amp=tcfg.amp, log_every=tcfg.log_every,
+                          resume=resume)
     sigma_table = sigmas_from_alphas_cumprod(exp_alphas_cumprod(DIFFUSION_STEPS)).float()  # (T,)
-    scaler = loop.make_grad_scaler(dev, tcfg.amp)
-    log = loop.MetricLogger(os.path.join(out_dir, "metrics.jsonl"), tcfg.log_every, enabled=info.is_main)
-    bar = loop.progress(tcfg.steps, start, info.is_main and tcfg.steps - start > 50)
     losses: list[float] = []
     t0 = time.time()
-    for step in range(start, tcfg.steps):
+    for step in range(st.start, tcfg.steps):
         g = loop.step_generator(tcfg.seed, info.rank, step)
         x0, cond = ds.batch(tcfg.batch, g)
         cond = perturb_condition(cond, tcfg.cond_noise, g)
         cond = drop_condition(cond, tcfg.cond_drop_prob, g)
-        loss = diffusion_loss(ddp, x0, cond, g, sigma_table=sigma_table, min_snr_gamma=tcfg.min_snr_gamma,
+        loss = diffusion_loss(st.ddp, x0, cond, g, sigma_table=sigma_table, min_snr_gamma=tcfg.min_snr_gamma,
                               amp=tcfg.amp)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        ema.update(model)
+        st.step(loss, model, tcfg.grad_clip)
         lv = float(loop.all_reduce_mean(loss.detach(), info))
         losses.append(lv)
-        log.add(loss=lv)
-        log.maybe_log(step + 1, force=step + 1 == tcfg.steps, lr=sched.get_last_lr()[0])
-        bar.update(1)
+        st.log.add(loss=lv)
+        st.log.maybe_log(step + 1, force=step + 1 == tcfg.steps, lr=st.sched.get_last_lr()[0])
+        st.bar.update(1)
         if info.is_main and ((step + 1) % tcfg.ckpt_every == 0 or step + 1 == tcfg.steps):
-            ckpt.save(step + 1, model, opt, sched, ema)
-    bar.close()
+            st.save(step + 1, model)
+    st.bar.close()
     seconds = time.time() - t0
-    summary = {"cond": tcfg.cond, "steps": tcfg.steps, "start_step": start, "batch_per_rank": tcfg.batch,
+    summary = {"cond": tcfg.cond, "steps": tcfg.steps, "start_step": st.start, "batch_per_rank": tcfg.batch,
                "world_size": info.world_size, "seconds": round(seconds, 1), "device": str(dev),
                "first_loss": losses[0] if losses else None,
                "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
                "n_latents": len(ds), "config": asdict(tcfg), "diffusion_steps": DIFFUSION_STEPS}
     if info.is_main:
-        shadow = {k: v for k, v in ema.shadow.items()}
+        shadow = {k: v for k, v in st.ema.shadow.items()}
         save_prior(shadow, pcfg, out_dir, summary)
         with open(os.path.join(out_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)

@@ -181,55 +181,40 @@ def train_transmitter(out_dir: str, tcfg: TransmitterTrainConfig, *, device: str
     bank_seconds = time.time() - t_start
     torch.manual_seed(tcfg.seed)  # module init draws from the global RNG; identical initial weights on every rank
     model = Transmitter(encoder_cfg, decoder_cfg, device=dev)
-    opt = loop.build_optimizer(model, tcfg.lr, tcfg.weight_decay)
-    sched = loop.warmup_cosine(opt, tcfg.warmup, tcfg.steps)
-    ema = loop.EMA(model, tcfg.ema_decay)
-    ckpt = loop.Checkpointer(out_dir)
-    start = 0
-    if resume and ckpt.exists():
-        start, _ = ckpt.load(model, opt, sched, ema, map_location=dev)
-    ddp = loop.wrap_ddp(model, info)
-    scaler = loop.make_grad_scaler(dev, tcfg.amp)
-    log = loop.MetricLogger(os.path.join(out_dir, "metrics.jsonl"), tcfg.log_every, enabled=info.is_main)
-    bar = loop.progress(tcfg.steps, start, info.is_main and tcfg.steps - start > 50)
+    st = loop.start_stage(model, out_dir, info, steps=tcfg.steps, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                          warmup=tcfg.warmup, ema_decay=tcfg.ema_decay, amp=tcfg.amp, log_every=tcfg.log_every,
+                          resume=resume)
     history: list[dict] = []
     first = None
     t0 = time.time()
-    for step in range(start, tcfg.steps):
+    for step in range(st.start, tcfg.steps):
         g = loop.step_generator(tcfg.seed, info.rank, step)
         idx = torch.randint(len(bank), (tcfg.batch,), generator=g).to(dev)
-        m = field_losses(model if not info.distributed else _DDPView(ddp, model), bank, idx, tcfg,
+        m = field_losses(model if not info.distributed else _DDPView(st.ddp, model), bank, idx, tcfg,
                          device_generator(g, dev))
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(m["loss"]).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        ema.update(model)
+        st.step(m["loss"], model, tcfg.grad_clip)
         vals = {k: float(loop.all_reduce_mean(v.detach(), info)) for k, v in m.items()}
         first = first or vals
-        log.add(**vals)
-        rec = log.maybe_log(step + 1, force=step + 1 == tcfg.steps, lr=sched.get_last_lr()[0])
+        st.log.add(**vals)
+        rec = st.log.maybe_log(step + 1, force=step + 1 == tcfg.steps, lr=st.sched.get_last_lr()[0])
         if rec:
             history.append(rec)
-        bar.update(1)
+        st.bar.update(1)
         if info.is_main and ((step + 1) % tcfg.ckpt_every == 0 or step + 1 == tcfg.steps):
-            ckpt.save(step + 1, model, opt, sched, ema)
+            st.save(step + 1, model)
         if info.is_main and tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < tcfg.steps:
-            log.write({"step": step + 1, **_eval_both(model, val_train, val_held, tcfg)})
-    bar.close()
+            st.log.write({"step": step + 1, **_eval_both(model, val_train, val_held, tcfg)})
+    st.bar.close()
     train_seconds = time.time() - t0
-    summary: dict = {"steps": tcfg.steps, "start_step": start, "world_size": info.world_size, "device": str(dev),
+    summary: dict = {"steps": tcfg.steps, "start_step": st.start, "world_size": info.world_size, "device": str(dev),
                      "bank_seconds": round(bank_seconds, 1), "train_seconds": round(train_seconds, 1),
                      "first": first, "last": history[-1] if history else None, "config": asdict(tcfg)}
     if info.is_main:
         ema_model = Transmitter(encoder_cfg, decoder_cfg, device=dev)
         ema_model.load_state_dict(model.state_dict())
-        ema.copy_to(ema_model)
+        st.ema.copy_to(ema_model)
         summary["eval_ema"] = _eval_both(ema_model, val_train, val_held, tcfg)
-        log.write({"step": tcfg.steps, "ema": True, **summary["eval_ema"]})
+        st.log.write({"step": tcfg.steps, "ema": True, **summary["eval_ema"]})
         save_transmitter(ema_model.state_dict(), encoder_cfg, decoder_cfg, out_dir, summary)
         with open(os.path.join(out_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2, default=str)
