@@ -38,122 +38,112 @@ def _engine_errors():
     return (get_engine().EngineError,)
 
 
-class SHAP_E_OT_generate(bpy.types.Operator):
-    """Generate 3D objects from the prompt or image (runs in the background; Cancel stops it)"""
+class _JobOperator:
+    """What the operators that start an engine job share: one job at a time, engine errors shown in the panel with
+    their hint, and ``sync``. Subclasses implement ``start(context)``."""
 
-    bl_idname = "shap_e.generate"
-    bl_label = "Generate"
     bl_options = {"REGISTER"}
 
-    prompt: StringProperty(name="Prompt", default="", options={"SKIP_SAVE"},
-                           description="Override the panel's prompt (scripting)")
-    model: StringProperty(name="Model", default="", options={"SKIP_SAVE"},
-                          description="Override the panel's model (scripting)")
     sync: BoolProperty(name="Synchronous", default=False, options={"SKIP_SAVE"},
                        description="Block until done (default when Blender runs in background mode)")
 
     def execute(self, context):
         if _busy(self):
             return {"CANCELLED"}
-        settings = context.scene.shap_e
         try:
-            from . import requests
-
-            req = requests.build_request(context, settings, get_prefs(context),
-                                         prompt=self.prompt or None, model=self.model or None)
-            from_file = req.image is not None and settings.image_source == "FILE"
-            session.start_generate(req, scene=context.scene, location=context.scene.cursor.location.copy(),
-                                   spacing=settings.spacing, sync=_sync(self),
-                                   image_path=bpy.path.abspath(settings.image_path) if from_file else None)
+            self.start(context)
         except _engine_errors() as err:
             return _fail(self, err)
-        return self._result()
-
-    def _result(self):
-        if session.ui.error:
+        if session.ui.error:  # a sync job that failed
             self.report({"ERROR"}, f"{session.ui.error} — {session.ui.hint}")
             return {"CANCELLED"}
         return {"FINISHED"}
 
 
-class SHAP_E_OT_variations(bpy.types.Operator):
+class _GeneratedObjectJob(_JobOperator):
+    """A job on the active object, which must be one this extension generated (it holds the latent and settings)."""
+
+    @classmethod
+    def poll(cls, context):
+        return mesh_import.is_generated(context.active_object)
+
+
+class SHAP_E_OT_generate(_JobOperator, bpy.types.Operator):
+    """Generate 3D objects from the prompt or image (runs in the background; Cancel stops it)"""
+
+    bl_idname = "shap_e.generate"
+    bl_label = "Generate"
+
+    prompt: StringProperty(name="Prompt", default="", options={"SKIP_SAVE"},
+                           description="Override the panel's prompt (scripting)")
+    model: StringProperty(name="Model", default="", options={"SKIP_SAVE"},
+                          description="Override the panel's model (scripting)")
+
+    def start(self, context):
+        from . import requests
+
+        settings = context.scene.shap_e
+        req = requests.build_request(context, settings, get_prefs(context),
+                                     prompt=self.prompt or None, model=self.model or None)
+        from_file = req.image is not None and settings.image_source == "FILE"
+        session.start_generate(req, scene=context.scene, location=context.scene.cursor.location.copy(),
+                               spacing=settings.spacing, sync=_sync(self),
+                               image_path=bpy.path.abspath(settings.image_path) if from_file else None)
+
+
+class SHAP_E_OT_variations(_GeneratedObjectJob, bpy.types.Operator):
     """New seeds for the selected generated object (same prompt/image, model and settings), laid out beside it"""
 
     bl_idname = "shap_e.variations"
     bl_label = "Variations"
-    bl_options = {"REGISTER"}
 
     count: IntProperty(name="Count", default=0, min=0, max=16, options={"SKIP_SAVE"},
                        description="How many (0: the panel's Count)")
-    sync: BoolProperty(name="Synchronous", default=False, options={"SKIP_SAVE"})
 
-    @classmethod
-    def poll(cls, context):
-        return mesh_import.is_generated(context.active_object)
+    def start(self, context):
+        from . import requests
 
-    def execute(self, context):
-        if _busy(self):
-            return {"CANCELLED"}
         obj = context.active_object
         meta = mesh_import.objects_meta(obj)
         settings = context.scene.shap_e
-        try:
-            from . import requests
-
-            image = name = None
-            if not meta.get("prompt"):
-                img = bpy.data.images.get(meta.get("image", ""))
-                if img is not None:
-                    image, name = requests.image_array(img), img.name
-                elif meta.get("image_path") and os.path.isfile(meta["image_path"]):
-                    image, name = requests.file_image(meta["image_path"])
-                else:
-                    raise _engine_errors()[0](f"The source image '{meta.get('image')}' is not in this file",
-                                              "Load it again (same name), or use Generate with Input: Image")
-            req = requests.build_request(context, settings, get_prefs(context), prompt=meta.get("prompt"),
-                                         model=meta.get("model"), count=self.count or settings.count,
-                                         image=image, image_name=name, like=meta)
-            session.start_generate(req, scene=context.scene, location=obj.location.copy(),
-                                   spacing=settings.spacing, layout_mode="beside", sync=_sync(self),
-                                   image_path=meta.get("image_path"))
-        except _engine_errors() as err:
-            return _fail(self, err)
-        return SHAP_E_OT_generate._result(self)
+        image = name = None
+        if not meta.get("prompt"):
+            img = bpy.data.images.get(meta.get("image", ""))
+            if img is not None:
+                image, name = requests.image_array(img), img.name
+            elif meta.get("image_path") and os.path.isfile(meta["image_path"]):
+                image, name = requests.file_image(meta["image_path"])
+            else:
+                raise _engine_errors()[0](f"The source image '{meta.get('image')}' is not in this file",
+                                          "Load it again (same name), or use Generate with Input: Image")
+        req = requests.build_request(context, settings, get_prefs(context), prompt=meta.get("prompt"),
+                                     model=meta.get("model"), count=self.count or settings.count,
+                                     image=image, image_name=name, like=meta)
+        session.start_generate(req, scene=context.scene, location=obj.location.copy(),
+                               spacing=settings.spacing, layout_mode="beside", sync=_sync(self),
+                               image_path=meta.get("image_path"))
 
 
-class SHAP_E_OT_redecode(bpy.types.Operator):
+class SHAP_E_OT_redecode(_GeneratedObjectJob, bpy.types.Operator):
     """Rebuild the selected generated object's mesh from its stored latent at another grid size"""
 
     bl_idname = "shap_e.redecode"
     bl_label = "Re-decode"
-    bl_options = {"REGISTER"}
 
     grid_size: IntProperty(name="Grid Size", default=0, min=0, max=256, options={"SKIP_SAVE"},
                            description="0: the panel's re-decode grid")
-    sync: BoolProperty(name="Synchronous", default=False, options={"SKIP_SAVE"})
 
-    @classmethod
-    def poll(cls, context):
-        return mesh_import.is_generated(context.active_object)
-
-    def execute(self, context):
-        if _busy(self):
-            return {"CANCELLED"}
+    def start(self, context):
         obj = context.active_object
         grid = self.grid_size or int(context.scene.shap_e.redecode_grid_size)
         try:
-            try:
-                latent = mesh_import.load_latent(obj)
-            except ValueError as err:
-                raise _engine_errors()[0](str(err), "Generate the object again") from None
-            if latent is None:
-                raise _engine_errors()[0](f"'{obj.name}' has no stored latent",
-                                          "Its latent text block was deleted: generate it again from its seed")
-            session.start_redecode(obj, latent, grid_size=grid, device=get_prefs(context).device,
-                                   sync=_sync(self))
-        except _engine_errors() as err:
-            return _fail(self, err)
-        return SHAP_E_OT_generate._result(self)
+            latent = mesh_import.load_latent(obj)
+        except ValueError as err:
+            raise _engine_errors()[0](str(err), "Generate the object again") from None
+        if latent is None:
+            raise _engine_errors()[0](f"'{obj.name}' has no stored latent",
+                                      "Its latent text block was deleted: generate it again from its seed")
+        session.start_redecode(obj, latent, grid_size=grid, device=get_prefs(context).device, sync=_sync(self))
 
 
 class SHAP_E_OT_cancel(bpy.types.Operator):
