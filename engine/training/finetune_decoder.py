@@ -6,6 +6,10 @@ priors produce meaningful. It is cheap (no encoder in the loop), so it also runs
 
     python -m engine.training.finetune_decoder --weights engine/weights/mini --seconds 900 --objects 768
 
+``--color-head-only`` trains nothing but the STF colour rows of the field's last layer (3 of its 12 output rows,
+a static layer no latent projects): the SDF and every other output stay bit-identical, so the meshes keep their
+shape and only their colours can change.
+
 ``--prior-mix F`` draws a fraction F of every batch from the priors' own samples for train objects (text and
 image, ``prior_targets``), each paired with its object, so that the decoder also learns to decode what generation
 actually feeds it; the held-out check then scores the priors' samples for held-out objects as well.
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.implicit_decoder import OUTPUT_SLOTS
 from .train_transmitter import TransmitterTrainConfig, grid_points, make_bank, query_points
 from .world import signed_distance_tensors
 
@@ -91,6 +96,23 @@ def field_metrics(decoder, latents, bank, held_latents, held, held_prior=None) -
     return out
 
 
+def restrict_to_color_head(decoder) -> list[torch.nn.Parameter]:
+    """Freeze the decoder except the STF colour rows of the last layer; returns the parameters left to train.
+
+    The last layer's other rows (SDF, densities, NeRF colours) get zero gradients through a hook, so AdamW without
+    weight decay leaves them exactly as they were."""
+    lo, hi = OUTPUT_SLOTS["stf_rgb"]
+    last = decoder.renderer.nerstf.mlp[-1]
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+    for p in (last.weight, last.bias):
+        mask = torch.zeros_like(p)
+        mask[lo:hi] = 1
+        p.requires_grad_(True)
+        p.register_hook(lambda g, m=mask: g * m)
+    return [last.weight, last.bias]
+
+
 def improved(before: dict, after: dict, iou_tolerance: float = 0.005) -> bool:
     """Keep the fine-tune when held-out IoU and colour are no worse (IoU within the tolerance) and one is better;
     with prior samples scored too (``heldout_prior_*``), the same must hold for them."""
@@ -122,6 +144,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prior-modes", default="text,image", help="which priors' samples --prior-mix uses")
     ap.add_argument("--prior-objects", type=int, default=384, help="train objects sampled by each prior")
     ap.add_argument("--prior-steps", type=int, default=8, help="DPM++ 2M steps per prior sample")
+    ap.add_argument("--color-head-only", action="store_true",
+                    help="train only the STF colour rows of the field's last layer: shapes stay bit-identical")
     ap.add_argument("--heldout", type=int, default=48, help="held-out objects for the before/after check")
     ap.add_argument("--always-write", action="store_true",
                     help="write the result even when the held-out check says it is worse (for experiments on a copy)")
@@ -160,7 +184,10 @@ def main(argv=None) -> dict:
               f"{time.time() - t_start:.0f} s", flush=True)
     before = field_metrics(decoder, latents, bank, held_latents, held, held_prior)
     print(f"[finetune] before: {before}", flush=True)
-    params = [p for p in decoder.parameters() if p.requires_grad]
+    if args.color_head_only:
+        params = restrict_to_color_head(decoder)
+    else:
+        params = [p for p in decoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     noise_sd = args.latent_noise * float(latents.std())  # --latent-noise is in latent standard deviations
@@ -188,7 +215,7 @@ def main(argv=None) -> dict:
     print(f"[finetune] {step} steps; after: {after}", flush=True)
     record = {"steps": step, "seconds": round(time.time() - t_start), "objects": len(bank),
               "color_weight": args.color_weight, "latent_noise": args.latent_noise, "lr": args.lr,
-              "prior_mix": args.prior_mix, "prior_modes": args.prior_modes if n_prior else "",
+              "prior_mix": args.prior_mix, "color_head_only": args.color_head_only, "prior_modes": args.prior_modes if n_prior else "",
               "before": before, "after": after, "device": "cpu"}
     if not improved(before, after) and not args.always_write:
         print("[finetune] held-out IoU or colour got worse: weights left unchanged", flush=True)

@@ -48,3 +48,36 @@ def test_a_short_run_records_its_metrics_and_keeps_the_manifest_consistent(tmp_p
     kept = fd.improved(record["before"], record["after"])
     assert ("decoder_finetune_test" in manifest["training"]) == kept
     assert (data == (MINI / "transmitter.safetensors").read_bytes()) != kept
+
+
+def test_the_color_head_mode_changes_colours_and_nothing_else():
+    import torch
+
+    from engine.mini_weights import load_mini
+    from engine.models.implicit_decoder import OUTPUT_SLOTS
+
+    decoder = load_mini("cpu", MINI)["transmitter"].float().decoder
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    params = fd.restrict_to_color_head(decoder)
+    last = decoder.renderer.nerstf.mlp[-1]
+    assert params == [last.weight, last.bias]  # (12, H) and (12,); a hook masks all but the 3 colour rows
+    assert [p.requires_grad for p in decoder.parameters()].count(True) == 2
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, decoder.cfg.d_latent, generator=gen) * 0.3
+    points = torch.rand(2, 64, 3, generator=gen) - 0.5
+    for _ in range(3):
+        out = decoder(latent, points, outputs=("sdf", "stf_rgb"))
+        loss = (out["stf_rgb"] - 0.2).square().mean() + out["sdf"].square().mean()  # SDF term must not leak
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lo, hi = OUTPUT_SLOTS["stf_rgb"]
+    for k, v in decoder.state_dict().items():
+        if k.startswith("renderer.nerstf.mlp.6."):
+            rows = torch.ones(v.shape[0], dtype=torch.bool)
+            rows[lo:hi] = False
+            assert torch.equal(v[rows], before[k][rows]), k
+            assert not torch.equal(v[lo:hi], before[k][lo:hi]), k
+        else:
+            assert torch.equal(v, before[k]), k
