@@ -1,5 +1,7 @@
-"""One command that rebuilds the shipped mini weights: stages a -> b -> encode -> c (text, image) -> export.
+"""Training commands: ``reproduce`` runs stages a -> b -> encode -> c (text, image) -> export in one call;
+``shipped`` runs the whole chain that made the shipped weights (that call, then the CPU fine-tunes; ``recipe``).
 
+    python -m engine.training shipped --out runs/shipped --device auto                 # the shipped weights' chain
     python -m engine.training reproduce --out runs/mini --device auto --preset gpu   # one H100: ~20 min in all
     python -m engine.training reproduce --out runs/mini --device cpu --preset cpu    # 2-core CPU: see PRESETS
     python -m engine.training export --out runs/mini                                 # only re-export
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +57,12 @@ PRESETS: dict[str, dict] = {
         "encode": {"per_kind": 12, "cond_views": 3},
         "text_prior": {"steps": 650, "batch": 64, "ema_decay": 0.99, "warmup": 20, "lr": 3e-4},
         "image_prior": {"steps": 650, "batch": 64, "ema_decay": 0.99, "warmup": 20, "lr": 3e-4},
+        "init_from_weights": True,
+    },
+    "smoke-priors": {  # with --from-weights: the cpu-priors chain at toy sizes (the recipe's smoke test)
+        "encode": {"per_kind": 1, "cond_views": 1, "kind_stride": 41, "supersample": 1},
+        "text_prior": {"steps": 2, "batch": 4},
+        "image_prior": {"steps": 2, "batch": 4},
         "init_from_weights": True,
     },
     "cpu": {  # ~3.5 h on the 2-core CPU from measured per-step costs (CLIP 1.4 s at b64, transmitter 2.0 s at b8,
@@ -160,9 +169,10 @@ def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to:
     if from_weights:
         previous = seed_from_weights(from_weights, root)
         record["from_weights"] = str(from_weights)
-        for key in ("clip", "transmitter", "decoder_finetune"):
-            if key in previous:
-                record[key] = previous[key]
+        retrained = ("encode", "text_prior", "image_prior", "total_seconds_this_invocation", "torch", "export")
+        for key, value in previous.items():  # the records of the steps that made those weights (clip, decoder
+            if key not in retrained and key not in record:  # fine-tunes, the recipe's log) stay in the manifest
+                record[key] = value
 
     def save_record():
         rec_path.write_text(json.dumps(record, indent=2, default=str))
@@ -213,8 +223,14 @@ def _mark(folder: Path, result):
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["shipped"]:
+        from .recipe import main as shipped
+
+        return shipped(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m engine.training", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("shipped", add_help=False, help="the whole chain of the shipped weights (--help for its options)")
     r = sub.add_parser("reproduce", help="run every stage and export the weights")
     r.add_argument("--out", default="runs/mini")
     r.add_argument("--device", default="auto")

@@ -130,6 +130,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "weights" / "mini"))
     ap.add_argument("--seconds", type=float, default=900)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="stop after this many steps instead of after --seconds (a reproducible run length)")
     ap.add_argument("--objects", type=int, default=768)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -193,7 +195,7 @@ def main(argv=None) -> dict:
     noise_sd = args.latent_noise * float(latents.std())  # --latent-noise is in latent standard deviations
     n_prior = round(args.batch * args.prior_mix) if prior_lat is not None else 0
     step, t0 = 0, time.time()
-    while time.time() - t0 < args.seconds:
+    while (step < args.steps) if args.steps > 0 else (time.time() - t0 < args.seconds):
         shares = []  # (weight, losses) of the encoder-latent and the prior-sample share of the batch
         if n_prior < args.batch:
             idx = torch.randint(len(bank), (args.batch - n_prior,), generator=gen)
