@@ -169,7 +169,8 @@ def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to:
     if from_weights:
         previous = seed_from_weights(from_weights, root)
         record["from_weights"] = str(from_weights)
-        retrained = ("encode", "text_prior", "image_prior", "total_seconds_this_invocation", "torch", "export")
+        retrained = ("encode", "text_prior", "image_prior", "total_seconds_this_invocation", "torch", "export",
+                     "gpu")
         for key, value in previous.items():  # the records of the steps that made those weights (clip, decoder
             if key not in retrained and key not in record:  # fine-tunes, the recipe's log) stay in the manifest
                 record[key] = value
