@@ -12,6 +12,7 @@ additively from the trained kinds' mean latents would give; ``--prior-error`` (e
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -139,7 +140,29 @@ def print_table(rows: dict[str, dict]) -> None:
               f"{r['s_per_item']:7.2f}")
 
 
+class _OncePerMessage(logging.Filter):
+    """Each distinct message once: the CPU notice would repeat for every evaluated object."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        new = record.getMessage() not in self.seen
+        self.seen.add(record.getMessage())
+        return new
+
+
 def main(args) -> int:
+    once = _OncePerMessage()
+    logging.getLogger("shap_e").addFilter(once)
+    try:
+        return _evaluate(args)
+    finally:
+        logging.getLogger("shap_e").removeFilter(once)
+
+
+def _evaluate(args) -> int:
     from .. import registry
 
     held = [k for k in allowed_kinds("heldout")]
