@@ -1,5 +1,7 @@
-"""Training commands: ``reproduce`` runs stages a -> b -> encode -> c (text, image) -> export in one call;
-``shipped`` runs the whole chain that made the shipped weights (that call, then the CPU fine-tunes; ``recipe``).
+"""Training commands: reproduce (every stage of one run), shipped (the shipped weights' whole chain), export.
+
+``reproduce`` runs stages a -> b -> encode -> c (text, image) -> export in one call; ``shipped`` runs the chain
+that made the shipped weights (one such call, then the CPU fine-tunes; ``recipe``).
 
     python -m engine.training shipped --out runs/shipped --device auto                 # the shipped weights' chain
     python -m engine.training reproduce --out runs/mini --device auto --preset gpu   # one H100: ~20 min in all

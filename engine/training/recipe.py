@@ -123,7 +123,7 @@ def _run_lanes(lanes: list[list[list[str]]], device: str, log: Path) -> None:
         env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // len(lanes))), MKL_NUM_THREADS="1")
     with open(log, "a") as fh:
         procs = []
-        for i, lane in enumerate(lanes):
+        for lane in lanes:
             script = " && ".join(shlex.join(cmd) for cmd in lane)
             fh.write(f"$ {script}\n")
             fh.flush()
@@ -146,15 +146,20 @@ def _append_record(weights: Path, step: Step, lanes, seconds: float) -> None:
 
 
 def run_recipe(out: str | Path, *, device: str = "auto", smoke: bool = False, dry_run: bool = False,
-               only: int | None = None) -> list[str]:
-    """Run (or with ``dry_run`` print) the chain; ``only`` stops after that many steps. Returns the steps run."""
+               stop_after: str | None = None) -> list[str]:
+    """Run (or with ``dry_run`` print) the chain, up to and including the step ``stop_after`` (default: all of
+    it). Returns the names of the steps run."""
     out = Path(out)
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     done_dir, ran = out / "steps", []
-    for step in RECIPE[:only]:
+    names = [step.name for step in RECIPE]
+    if stop_after is not None and stop_after not in names:
+        raise SystemExit(f"no step {stop_after!r} in the chain; the steps are {', '.join(names)}")
+    last = names.index(stop_after) + 1 if stop_after else len(RECIPE)
+    for step in RECIPE[:last]:
         lanes, export = step_commands(step, out, device, smoke)
         if dry_run:
             print(f"# {step.name} (reproduces {_names(step.record)})")
@@ -191,6 +196,7 @@ def main(argv=None) -> None:
     ap.add_argument("--scale", choices=["full", "smoke"], default="full",
                     help="smoke: the same commands at toy sizes (useless weights; checks the chain)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
-    ap.add_argument("--steps", type=int, default=None, help="stop after this many steps of the chain")
+    ap.add_argument("--stop-after", choices=[step.name for step in RECIPE], default=None,
+                    help="run the chain up to and including this step")
     a = ap.parse_args(argv)
-    run_recipe(a.out, device=a.device, smoke=a.scale == "smoke", dry_run=a.dry_run, only=a.steps)
+    run_recipe(a.out, device=a.device, smoke=a.scale == "smoke", dry_run=a.dry_run, stop_after=a.stop_after)

@@ -53,6 +53,11 @@ def test_dry_run_prints_the_chain_in_order(capsys, tmp_path):
     assert heads == [s.name for s in recipe.RECIPE]
     assert "--preset gpu-short" in text and "--cond-noise 0.06" in text and "--prior-mix 0.75" in text
     assert not (tmp_path / "steps").exists()  # nothing ran
+    recipe.run_recipe(tmp_path, device="cpu", dry_run=True, stop_after="priors_1")
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("# ")] == \
+        ["base", "decoder_1", "priors_1"]
+    with pytest.raises(SystemExit, match="the steps are base, decoder_1"):
+        recipe.run_recipe(tmp_path, dry_run=True, stop_after="cycle_9")
 
 
 @pytest.mark.timeout(900)
