@@ -217,7 +217,8 @@ def main(argv=None) -> dict:
     print(f"[finetune] {step} steps; after: {after}", flush=True)
     record = {"steps": step, "seconds": round(time.time() - t_start), "objects": len(bank),
               "color_weight": args.color_weight, "latent_noise": args.latent_noise, "lr": args.lr,
-              "prior_mix": args.prior_mix, "color_head_only": args.color_head_only, "prior_modes": args.prior_modes if n_prior else "",
+              "prior_mix": args.prior_mix, "prior_modes": args.prior_modes if n_prior else "",
+              "color_head_only": args.color_head_only,
               "before": before, "after": after, "device": "cpu"}
     if not improved(before, after) and not args.always_write:
         print("[finetune] held-out IoU or colour got worse: weights left unchanged", flush=True)
