@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--additive-ceiling", action="store_true",
                    help="also score latents composed additively, (shape, aspect) + colour, from trained kinds' means")
     p.add_argument("--prior-error", action="store_true",
-                   help="also print the text prior's x0 error per noise level on encoded instances")
+                   help="also print each prior's x0 error per noise level on encoded instances")
     p.set_defaults(fn=cmd_eval)
     return ap
 

@@ -23,10 +23,15 @@ from .metrics import score_mesh
 def encode_instances(transmitter, kind: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """Latents (n, d_latent) of ``n`` random instances of one kind, encoded as in training (eval mode)."""
     from ..training.encode_dataset import random_instances
+
+    return encode_specs(transmitter, random_instances(kind, n, generator), generator)
+
+
+def encode_specs(transmitter, specs: list, generator: torch.Generator) -> torch.Tensor:
+    """Latents (len(specs), d_latent) of these objects, encoded as in training (eval mode)."""
     from ..training.object_bank import build_bank
 
     enc = transmitter.encoder.cfg
-    specs = random_instances(kind, n, generator)
     bank = build_bank(specs, generator, n_points=enc.n_points, data_ctx=enc.data_ctx, n_surface=0,
                       n_views=enc.n_views, image_size=enc.image_size, max_depth=enc.max_depth)
     return transmitter.encode_batch(bank.encoder_batch(torch.arange(len(specs))), training=False).float()

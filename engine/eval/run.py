@@ -6,7 +6,7 @@ diversity (spread of the fitted yaw for yawed shapes and of the mean colour acro
 Every number comes from meshes generated through ``engine.pipeline.generate``: the same path as the CLI.
 Diagnostics: ``--ceiling`` (engine.eval.ceiling), the same metrics for encoded-and-decoded instances of each kind,
 i.e. with a perfect prior; ``--additive-ceiling``, the latents a prior composing (shape, aspect) + colour
-additively from the trained kinds' mean latents would give; ``--prior-error`` (engine.eval.prior_error), the text prior's x0 error per noise level.
+additively from the trained kinds' mean latents would give; ``--prior-error`` (engine.eval.prior_error), each prior's x0 error per noise level.
 """
 
 from __future__ import annotations
@@ -205,9 +205,9 @@ def _evaluate(args) -> int:
         from .prior_error import print_prior_error, prior_error
 
         for split, kinds in splits:
-            res = prior_error(kinds, model=args.model)
-            diagnostics[f"text prior x0 error {split}"] = res
-            print_prior_error(f"text prior x0 error, {split}", res)
+            for mode, res in prior_error(kinds, model=args.model, modes=("text", "image")).items():
+                diagnostics[f"{mode} prior x0 error {split}"] = res
+                print_prior_error(f"{mode} prior x0 error, {split}", res)
     for mode in modes:
         for split, kinds in splits:
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,

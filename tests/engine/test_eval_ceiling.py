@@ -77,3 +77,16 @@ def test_error_breakdown_says_how_each_wrong_answer_is_wrong():
     assert (row["wrong_shape"], row["wrong_aspect_only"], row["wrong_color"]) == (2, 1, 2)
     assert len(row["misses"]) == 3 and row["misses"][-1].endswith("-> empty mesh")
     assert " -> " in row["misses"][0] and row["misses"][0].split(" -> ")[0] != row["misses"][0].split(" -> ")[1]
+
+
+def test_prior_error_covers_the_image_prior_on_the_same_instances():
+    from engine.eval.prior_error import prior_error
+
+    kinds = allowed_kinds("train")[::25][:3]
+    res = prior_error(kinds, instances=2, timesteps=(0, 1023), modes=("text", "image"))
+    assert set(res) == {"text", "image"}
+    assert res["text"]["within_kind"] == res["image"]["within_kind"]  # one set of encoded instances
+    assert res["text"] == prior_error(kinds, instances=2, timesteps=(0, 1023))  # text alone: the same figures
+    for r in res["image"]["rows"]:
+        # a render of the instance tells the image prior which kind it is
+        assert 0 < r["mse_kind_mean"] < 0.5 * res["image"]["across_kinds"], r
