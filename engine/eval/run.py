@@ -34,6 +34,7 @@ class Tally:
     yaw_spread: list = field(default_factory=list)
     color_spread: list = field(default_factory=list)
     predicted: list = field(default_factory=list)  # (shape, aspect, colour) the metric read off each mesh
+    elevations: list = field(default_factory=list)  # image prompts: the view's elevation (degrees), per answer
     seconds: float = 0.0
 
     def add(self, kind: int, mesh, score: dict) -> None:
@@ -51,7 +52,19 @@ class Tally:
                 "color_acc": float(np.mean(self.color)) if n else 0.0, "r_precision": rprec,
                 "yaw_spread_deg": float(np.mean(self.yaw_spread)) if self.yaw_spread else None,
                 "color_spread": float(np.mean(self.color_spread)) if self.color_spread else None,
-                "s_per_item": self.seconds / max(n, 1), **self.error_breakdown()}
+                "s_per_item": self.seconds / max(n, 1), **self.error_breakdown(),
+                **({"by_elevation": self.by_elevation()} if self.elevations else {})}
+
+    def by_elevation(self, edges=(-10.0, 10.0, 30.0, 50.0)) -> dict:
+        """Shape and colour accuracy of image prompts by the elevation of the view they were rendered from."""
+        el = np.asarray(self.elevations)
+        out = {}
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            m = (el >= lo) & ((el < hi) | (hi == edges[-1]))
+            out[f"{lo:g} to {hi:g} deg"] = {"n": int(m.sum()),
+                                            "shape_acc": float(np.mean(np.asarray(self.shape)[m])) if m.any() else None,
+                                            "color_acc": float(np.mean(np.asarray(self.color)[m])) if m.any() else None}
+        return out
 
     def error_breakdown(self) -> dict:
         """How the wrong answers are wrong: another shape, the right shape in another aspect, another colour."""
@@ -73,15 +86,32 @@ def prompt_for(spec: ObjectSpec) -> str:
     return f"a {spec.describe()}"
 
 
+def condition_view(kind: int, seed: int) -> tuple[float, torch.Tensor]:
+    """The target's yaw (radians) and the camera direction of the image prompt for (kind, seed).
+
+    Seeded per (kind, seed), so every prompt of the evaluation gets its own view; one view per seed shared by all
+    kinds would score the image prior on a handful of views only.
+    """
+    from ..training.render_world import CONDITION_ELEV_DEG, random_view_directions
+
+    g = torch.Generator().manual_seed(10_000 + 1_000 * seed + kind)
+    yaw = float(torch.rand(1, generator=g)) * np.pi / 2
+    return (yaw if kind_from_index(kind)[0] in YAWED_SHAPES else 0.0), \
+        random_view_directions(1, g, elev_deg=CONDITION_ELEV_DEG)
+
+
 def condition_image(spec: ObjectSpec, seed: int, size: int = 128) -> np.ndarray:
     """A render of the target from a random view and yaw on a plain background, as 8-bit sRGB (what a PNG holds)."""
     from ..training.render_world import condition_images, to_srgb8
 
-    g = torch.Generator().manual_seed(10_000 + seed)
-    yaw = float(torch.rand(1, generator=g)) * np.pi / 2 if spec.shape in YAWED_SHAPES else 0.0
+    yaw, direction = condition_view(spec.kind, seed)
     target = ObjectSpec(spec.shape, spec.aspect, spec.color, yaw=yaw)
-    img = condition_images([target], g, size=size)[0]
+    img = condition_images([target], torch.Generator(), size=size, directions=direction)[0]
     return to_srgb8(img)
+
+
+def view_elevation_deg(kind: int, seed: int) -> float:
+    return float(torch.rad2deg(torch.asin(condition_view(kind, seed)[1][0, 2])))
 
 
 def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int | None, sampler: str,
@@ -99,8 +129,9 @@ def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int 
             records = generate(GenerationRequest(prompt=prompt_for(spec), seed=0, batch_size=seeds, **common))
         else:
             records = []
-            for seed in range(seeds):  # one image (view) per seed
+            for seed in range(seeds):  # one image (view) per kind and seed
                 records += generate(GenerationRequest(image=condition_image(spec, seed), seed=seed, **common))
+                tally.elevations.append(view_elevation_deg(k, seed))
         tally.seconds += time.perf_counter() - t0
         yaws, cols = [], []
         for rec in records:
@@ -218,6 +249,10 @@ def _evaluate(args) -> int:
             r = rows[name]
             print(f"  wrong answers: another shape {r['wrong_shape']}, the shape in another aspect "
                   f"{r['wrong_aspect_only']}, another colour {r['wrong_color']} (of {r['n']}; --json lists them)")
+            if "by_elevation" in r:
+                print("  by view elevation (shape / colour acc): " + ", ".join(
+                    f"{b} n={v['n']} {_fmt(v['shape_acc'])} / {_fmt(v['color_acc'])}"
+                    for b, v in r["by_elevation"].items()))
     print()
     print(f"model {args.model}, {args.seeds} seeds per kind, {len(held)} held-out kinds "
           f"({len(held) // len(ASPECTS)} pairs x {len(ASPECTS)} aspects), {len(trained)} trained kinds")

@@ -141,16 +141,20 @@ def render(specs: list[ObjectSpec], cameras: Camera, *, views_per_object: int = 
     return {"rgb": linear_to_srgb(rgb_lin), "alpha": alpha_out, "depth": zdepth, "normals": n}
 
 
+CONDITION_ELEV_DEG = (-10.0, 50.0)  # elevation range of image-conditioning views (training and evaluation)
+
+
 def condition_images(specs: list[ObjectSpec], generator: torch.Generator, *, size: int = 64,
                      background: tuple[float, float, float] | None = (1.0, 1.0, 1.0),
-                     elev_deg: tuple[float, float] = (-10.0, 50.0), supersample: int = 2,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     elev_deg: tuple[float, float] = CONDITION_ELEV_DEG, supersample: int = 2,
+                     device: torch.device | str = "cpu", directions: torch.Tensor | None = None) -> torch.Tensor:
     """Image-conditioning renders: one random view per object, plain background -> (B, size, size, 3) sRGB.
 
-    background None draws a random light plain grey per image (augmentation for encoder training).
+    background None draws a random light plain grey per image (augmentation for encoder training);
+    ``directions`` (B, 3) gives the views instead of drawing them.
     """
     B = len(specs)
-    dirs = random_view_directions(B, generator, elev_deg=elev_deg)
+    dirs = random_view_directions(B, generator, elev_deg=elev_deg) if directions is None else directions
     cams = look_at_cameras(dirs, size, fov=0.7, distance=4.0)
     if background is None:
         bg = 0.75 + 0.25 * torch.rand(B, 1, generator=generator)
