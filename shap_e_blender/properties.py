@@ -62,7 +62,7 @@ class SHAP_E_PG_settings(bpy.types.PropertyGroup):
                                      description="Use the model's own steps and guidance scale")
     steps: IntProperty(name="Steps", default=64, min=1, max=1024, description="Sampler steps (official: 64)")
     guidance_scale: FloatProperty(name="Guidance", default=15.0, min=0.0, soft_max=30.0,
-                                  description="Classifier-free guidance (official: 15 text, 3 image; embedded: 1 text, 1.5 image)")
+                                  description="Classifier-free guidance (official: 15 text, 3 image; embedded: 1 text, 1.25 image)")
     grid_size: EnumProperty(name="Grid", items=GRID_ITEMS, default="64", description="Marching cubes resolution")
     count: IntProperty(name="Count", default=1, min=1, max=16,
                        description="How many variants (seeds seed, seed+1, ...) laid out in a grid at the cursor")
