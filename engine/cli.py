@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score latents composed additively, (shape, aspect) + colour, from trained kinds' means")
     p.add_argument("--prior-error", action="store_true",
                    help="also print each prior's x0 error per noise level on encoded instances")
+    p.add_argument("--clip-retrieval", action="store_true",
+                   help="also retrieve each image prompt's CLIP embedding among the kind captions (what the"
+                        " conditioning itself tells)")
     p.set_defaults(fn=cmd_eval)
     return ap
 

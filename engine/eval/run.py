@@ -6,7 +6,8 @@ diversity (spread of the fitted yaw for yawed shapes and of the mean colour acro
 Every number comes from meshes generated through ``engine.pipeline.generate``: the same path as the CLI.
 Diagnostics: ``--ceiling`` (engine.eval.ceiling), the same metrics for encoded-and-decoded instances of each kind,
 i.e. with a perfect prior; ``--additive-ceiling``, the latents a prior composing (shape, aspect) + colour
-additively from the trained kinds' mean latents would give; ``--prior-error`` (engine.eval.prior_error), each prior's x0 error per noise level.
+additively from the trained kinds' mean latents would give; ``--prior-error`` (engine.eval.prior_error), each prior's x0 error per noise level;
+``--clip-retrieval`` (engine.eval.clip_retrieval), what the mini CLIP itself reads off the image prompts.
 """
 
 from __future__ import annotations
@@ -239,6 +240,14 @@ def _evaluate(args) -> int:
             for mode, res in prior_error(kinds, model=args.model, modes=("text", "image")).items():
                 diagnostics[f"{mode} prior x0 error {split}"] = res
                 print_prior_error(f"{mode} prior x0 error, {split}", res)
+    if args.clip_retrieval:
+        from .clip_retrieval import image_prompt_retrieval, print_retrieval
+
+        embedder = registry.load(args.model, "image", "cpu").clip
+        for split, kinds in splits:
+            res = image_prompt_retrieval(kinds, embedder, seeds=args.seeds)
+            diagnostics[f"image prompt CLIP retrieval {split}"] = res
+            print_retrieval(f"image prompts' CLIP retrieval, {split}", res)
     for mode in modes:
         for split, kinds in splits:
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,
