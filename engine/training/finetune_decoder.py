@@ -146,6 +146,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prior-modes", default="text,image", help="which priors' samples --prior-mix uses")
     ap.add_argument("--prior-objects", type=int, default=384, help="train objects sampled by each prior")
     ap.add_argument("--prior-steps", type=int, default=8, help="DPM++ 2M steps per prior sample")
+    ap.add_argument("--image-prior-guidance", type=float, default=None,
+                    help="guidance of the image prior's samples (default: the model's; decoder_finetune_2 used 1.5)")
     ap.add_argument("--color-head-only", action="store_true",
                     help="train only the STF colour rows of the field's last layer: shapes stay bit-identical")
     ap.add_argument("--heldout", type=int, default=48, help="held-out objects for the before/after check")
@@ -178,7 +180,8 @@ def main(argv=None) -> dict:
 
         modes = tuple(m.strip() for m in args.prior_modes.split(",") if m.strip())
         pg = torch.Generator().manual_seed(args.seed + 1)
-        fast = dict(sampler="dpmpp_2m", steps=args.prior_steps)
+        fast = dict(sampler="dpmpp_2m", steps=args.prior_steps,
+                    guidance=None if args.image_prior_guidance is None else {"image": args.image_prior_guidance})
         prior_lat, pbank = prior_bank(parts, bank.select(slice(args.prior_objects)), modes, pg, seed=args.seed,
                                       **fast)
         held_prior = prior_bank(parts, held, modes, pg, seed=10_000, training=False, **fast)
@@ -219,6 +222,8 @@ def main(argv=None) -> dict:
               "color_weight": args.color_weight, "latent_noise": args.latent_noise, "lr": args.lr,
               "prior_mix": args.prior_mix, "prior_modes": args.prior_modes if n_prior else "",
               "color_head_only": args.color_head_only,
+              **({"image_prior_guidance": parts["configs"]["image"].sampler.guidance_scale
+                  if args.image_prior_guidance is None else args.image_prior_guidance} if n_prior else {}),
               "before": before, "after": after, "device": "cpu"}
     if not improved(before, after) and not args.always_write:
         print("[finetune] held-out IoU or colour got worse: weights left unchanged", flush=True)

@@ -23,10 +23,10 @@ YAW_STEP_DEG = 5.0
 
 @torch.no_grad()
 def sample_for_specs(parts: dict, specs: list[ObjectSpec], mode: str, generator: torch.Generator, *,
-                     batch: int = 32, seed: int = 0, sampler: str | None = None, steps: int | None = None
-                     ) -> torch.Tensor:
-    """(N, d_latent) float32: one prior sample per spec, at the mode's default guidance (sampler and steps: the
-    mode's defaults unless given)."""
+                     batch: int = 32, seed: int = 0, sampler: str | None = None, steps: int | None = None,
+                     guidance: float | None = None) -> torch.Tensor:
+    """(N, d_latent) float32: one prior sample per spec (guidance, sampler and steps: the mode's defaults unless
+    given)."""
     from .. import device as devices
     from ..pipeline import sample_latents
     from ..registry import mini_model
@@ -45,7 +45,8 @@ def sample_for_specs(parts: dict, specs: list[ObjectSpec], mode: str, generator:
             cond = model.clip.embed_image_grid(to_srgb8(imgs))
         seeds = [seed + s + i for i in range(len(chunk))]
         out.append(sample_latents(model, cond.float(), seeds=seeds, steps=steps or cfg.steps,
-                                  guidance=cfg.guidance_scale, sampler=sampler or cfg.sampler, placement=placement))
+                                  guidance=cfg.guidance_scale if guidance is None else guidance,
+                                  sampler=sampler or cfg.sampler, placement=placement))
     return torch.cat(out)
 
 
@@ -77,9 +78,11 @@ def decoded_yaws(decoder, latents: torch.Tensor, specs: list[ObjectSpec], grid: 
 
 
 def prior_bank(parts: dict, bank, modes: tuple[str, ...], generator: torch.Generator, *, seed: int = 0,
-               training: bool = True, sampler: str | None = None, steps: int | None = None):
+               training: bool = True, sampler: str | None = None, steps: int | None = None,
+               guidance: dict[str, float] | None = None):
     """(latents (N·len(modes), d), bank of the same objects with decoded yaws): the prior-sample pairs.
-    ``training`` refuses held-out objects (pass False only to score held-out samples)."""
+    ``training`` refuses held-out objects (pass False only to score held-out samples); ``guidance`` maps a mode
+    to the guidance its samples use instead of the model's default."""
     import dataclasses
 
     from .object_bank import ObjectBank
@@ -89,7 +92,8 @@ def prior_bank(parts: dict, bank, modes: tuple[str, ...], generator: torch.Gener
         raise ValueError("prior targets may only be built from train-split objects")
     lat, banks = [], []
     for mode in modes:
-        z = sample_for_specs(parts, specs, mode, generator, seed=seed, sampler=sampler, steps=steps)
+        z = sample_for_specs(parts, specs, mode, generator, seed=seed, sampler=sampler, steps=steps,
+                             guidance=(guidance or {}).get(mode))
         yaw = torch.tensor(decoded_yaws(parts["decoder"], z, specs), dtype=bank.yaw.dtype, device=bank.device)
         lat.append(z)
         # turning the exact surface samples about Z by the change of yaw keeps them on the re-yawed surface

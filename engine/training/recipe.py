@@ -63,7 +63,8 @@ RECIPE: tuple[Step, ...] = (
          priors=(PriorRun("text", 900, 0.04), PriorRun("image", 650, 0.05))),
     Step("cycle_5", "image_prior_finetune_5", "cycle", priors=(PriorRun("image", 650, 0.05),)),
     Step("decoder_2", "decoder_finetune_2", "decoder",
-         decoder={"steps": 4047, "objects": 768, "heldout": 96, "color-weight": 16, "prior-mix": 0.75}),
+         decoder={"steps": 4047, "objects": 768, "heldout": 96, "color-weight": 16, "prior-mix": 0.75,
+                  "image-prior-guidance": 1.5}),  # the image default then; it is 1.25 now
     Step("cycle_6", "text_prior_finetune_5", "cycle", priors=(PriorRun("text", 800, 0.04),)),
 )
 

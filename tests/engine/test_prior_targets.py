@@ -71,3 +71,16 @@ def test_prior_bank_pairs_each_sample_with_its_object(parts):
     shape, prm, yaw = pbank.shape, _param_table("cpu")[pbank.shape, pbank.aspect], pbank.yaw
     d = signed_distance_tensors(shape, prm, yaw, pbank.surface)
     assert d.abs().max() < 1e-3
+
+
+def test_image_samples_use_the_guidance_asked_for(parts):
+    """The recipe re-draws decoder_finetune_2's image samples at the guidance of that day (1.5), not today's."""
+    specs = random_instances(allowed_kinds("train")[7], 1, torch.Generator().manual_seed(3))
+
+    def sample(guidance):
+        return pt.sample_for_specs(parts, specs, "image", torch.Generator().manual_seed(4), sampler="dpmpp_2m",
+                                   steps=3, guidance=guidance)
+
+    default = parts["configs"]["image"].sampler.guidance_scale
+    assert torch.equal(sample(None), sample(default))
+    assert not torch.allclose(sample(None), sample(default + 1.0))

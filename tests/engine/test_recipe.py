@@ -29,6 +29,8 @@ def test_every_step_uses_the_numbers_of_the_record_it_reproduces():
             assert rec["steps"] == step.decoder["steps"] and rec["objects"] == step.decoder["objects"]
             assert rec.get("prior_mix", 0.0) == step.decoder.get("prior-mix", 0.0)
             assert rec.get("color_weight", 16.0) == step.decoder.get("color-weight", 16.0)
+            if rec.get("prior_mix"):  # its image samples were drawn at the image default of the day, 1.5
+                assert step.decoder["image-prior-guidance"] == 1.5
             continue
         assert len(names) == len(step.priors)
         for name, lane in zip(names, step.priors):
