@@ -6,8 +6,9 @@ diversity (spread of the fitted yaw for yawed shapes and of the mean colour acro
 Every number comes from meshes generated through ``engine.pipeline.generate``: the same path as the CLI.
 Diagnostics: ``--ceiling`` (engine.eval.ceiling), the same metrics for encoded-and-decoded instances of each kind,
 i.e. with a perfect prior; ``--additive-ceiling``, the latents a prior composing (shape, aspect) + colour
-additively from the trained kinds' mean latents would give; ``--prior-error`` (engine.eval.prior_error), each prior's x0 error per noise level;
-``--clip-retrieval`` (engine.eval.clip_retrieval), what the mini CLIP itself reads off the image prompts.
+additively from the trained kinds' mean latents would give; ``--prior-error`` (engine.eval.prior_error), each
+prior's x0 error per noise level; ``--clip-retrieval`` (engine.eval.clip_retrieval), what the mini CLIP
+itself reads off the image prompts.
 """
 
 from __future__ import annotations
@@ -58,13 +59,12 @@ class Tally:
 
     def by_elevation(self, edges=(-10.0, 10.0, 30.0, 50.0)) -> dict:
         """Shape and colour accuracy of image prompts by the elevation of the view they were rendered from."""
-        el = np.asarray(self.elevations)
+        el, shape, color = np.asarray(self.elevations), np.asarray(self.shape), np.asarray(self.color)
         out = {}
         for lo, hi in zip(edges[:-1], edges[1:]):
-            m = (el >= lo) & ((el < hi) | (hi == edges[-1]))
-            out[f"{lo:g} to {hi:g} deg"] = {"n": int(m.sum()),
-                                            "shape_acc": float(np.mean(np.asarray(self.shape)[m])) if m.any() else None,
-                                            "color_acc": float(np.mean(np.asarray(self.color)[m])) if m.any() else None}
+            m = (el >= lo) & ((el < hi) | (hi == edges[-1]))  # the last bin includes its upper edge
+            acc = (lambda v: float(v[m].mean())) if m.any() else (lambda v: None)
+            out[f"{lo:g} to {hi:g} deg"] = {"n": int(m.sum()), "shape_acc": acc(shape), "color_acc": acc(color)}
         return out
 
     def error_breakdown(self) -> dict:

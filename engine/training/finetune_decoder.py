@@ -167,6 +167,8 @@ def main(argv=None) -> dict:
     parts = load_mini("cpu", args.weights)
     transmitter = parts["transmitter"].float()
     cfg = parts["configs"]["text"]
+    image_guidance = parts["configs"]["image"].sampler.guidance_scale if args.image_prior_guidance is None \
+        else args.image_prior_guidance  # of the image prior's samples for --prior-mix
     tcfg = TransmitterTrainConfig(n_surface=256, n_near=512, n_uniform=256, bank_surface=2048,
                                   color_weight=args.color_weight)
     bank = make_bank(args.objects, "train", args.seed, cfg.encoder, tcfg, "cpu")
@@ -180,8 +182,7 @@ def main(argv=None) -> dict:
 
         modes = tuple(m.strip() for m in args.prior_modes.split(",") if m.strip())
         pg = torch.Generator().manual_seed(args.seed + 1)
-        fast = dict(sampler="dpmpp_2m", steps=args.prior_steps,
-                    guidance=None if args.image_prior_guidance is None else {"image": args.image_prior_guidance})
+        fast = dict(sampler="dpmpp_2m", steps=args.prior_steps, guidance={"image": image_guidance})
         prior_lat, pbank = prior_bank(parts, bank.select(slice(args.prior_objects)), modes, pg, seed=args.seed,
                                       **fast)
         held_prior = prior_bank(parts, held, modes, pg, seed=10_000, training=False, **fast)
@@ -222,8 +223,7 @@ def main(argv=None) -> dict:
               "color_weight": args.color_weight, "latent_noise": args.latent_noise, "lr": args.lr,
               "prior_mix": args.prior_mix, "prior_modes": args.prior_modes if n_prior else "",
               "color_head_only": args.color_head_only,
-              **({"image_prior_guidance": parts["configs"]["image"].sampler.guidance_scale
-                  if args.image_prior_guidance is None else args.image_prior_guidance} if n_prior else {}),
+              **({"image_prior_guidance": image_guidance} if n_prior else {}),
               "before": before, "after": after, "device": "cpu"}
     if not improved(before, after) and not args.always_write:
         print("[finetune] held-out IoU or colour got worse: weights left unchanged", flush=True)

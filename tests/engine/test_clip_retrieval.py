@@ -10,7 +10,7 @@ from engine.training import world as W
 
 
 class _ColourOnlyClip:
-    """Reads the colour at the image centre and nothing else: always answers 'a red <regular cube>' in that colour."""
+    """Reads the colour at the image centre and nothing else: always answers 'a <that colour> cube'."""
 
     def embed_text(self, captions):
         return torch.eye(W.N_KINDS)[: len(captions)]
