@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mini")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--trained-sample", type=int, default=24, help="number of trained kinds to sample")
+    p.add_argument("--phrasings", type=int, default=1,
+                   help="text prompts per kind: 1 is 'a {aspect} {colour} {shape}'; up to 11 adds the other caption"
+                        " templates ('a {shape} that is {colour}', ...), each with every seed")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sampler", default="heun")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")

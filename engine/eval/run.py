@@ -37,6 +37,7 @@ class Tally:
     color_spread: list = field(default_factory=list)
     predicted: list = field(default_factory=list)  # (shape, aspect, colour) the metric read off each mesh
     elevations: list = field(default_factory=list)  # image prompts: the view's elevation (degrees), per answer
+    phrasing: list = field(default_factory=list)  # text prompts: the index of the prompt's phrasing, per answer
     seconds: float = 0.0
 
     def add(self, kind: int, mesh, score: dict) -> None:
@@ -55,17 +56,24 @@ class Tally:
                 "yaw_spread_deg": float(np.mean(self.yaw_spread)) if self.yaw_spread else None,
                 "color_spread": float(np.mean(self.color_spread)) if self.color_spread else None,
                 "s_per_item": self.seconds / max(n, 1), **self.error_breakdown(),
-                **({"by_elevation": self.by_elevation()} if self.elevations else {})}
+                **({"by_elevation": self.by_elevation()} if self.elevations else {}),
+                **({"by_phrasing": self.by_phrasing()} if len(set(self.phrasing)) > 1 else {})}
 
     def by_elevation(self, edges=(-10.0, 10.0, 30.0, 50.0)) -> dict:
         """Shape and colour accuracy of image prompts by the elevation of the view they were rendered from."""
-        el, shape, color = np.asarray(self.elevations), np.asarray(self.shape), np.asarray(self.color)
-        out = {}
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            m = (el >= lo) & ((el < hi) | (hi == edges[-1]))  # the last bin includes its upper edge
-            acc = (lambda v: float(v[m].mean())) if m.any() else (lambda v: None)
-            out[f"{lo:g} to {hi:g} deg"] = {"n": int(m.sum()), "shape_acc": acc(shape), "color_acc": acc(color)}
-        return out
+        el = np.asarray(self.elevations)
+        return {f"{lo:g} to {hi:g} deg": self._accuracy((el >= lo) & ((el < hi) | (hi == edges[-1])))
+                for lo, hi in zip(edges[:-1], edges[1:])}  # the last bin includes its upper edge
+
+    def by_phrasing(self) -> dict:
+        """Shape and colour accuracy of text prompts by phrasing (the index into ``text_prompts``)."""
+        ph = np.asarray(self.phrasing)
+        return {str(j): self._accuracy(ph == j) for j in sorted(set(self.phrasing))}
+
+    def _accuracy(self, m: np.ndarray) -> dict:
+        shape, color = np.asarray(self.shape), np.asarray(self.color)
+        acc = (lambda v: float(v[m].mean())) if m.any() else (lambda v: None)
+        return {"n": int(m.sum()), "shape_acc": acc(shape), "color_acc": acc(color)}
 
     def error_breakdown(self) -> dict:
         """How the wrong answers are wrong: another shape, the right shape in another aspect, another colour."""
@@ -85,6 +93,17 @@ class Tally:
 
 def prompt_for(spec: ObjectSpec) -> str:
     return f"a {spec.describe()}"
+
+
+def text_prompts(spec: ObjectSpec, n: int = 1) -> list[str]:
+    """The first ``n`` phrasings of a text prompt: ``prompt_for`` (what every figure before ``--phrasings`` used),
+    then the other caption templates filled with the kind's plain words (``training.world.phrasings``)."""
+    from ..training.world import phrasings
+
+    prompts = [prompt_for(spec)] + phrasings(spec)[1:]  # phrasings' first is prompt_for with 'an' where due
+    if not 1 <= n <= len(prompts):
+        raise EngineError(f"--phrasings must be between 1 and {len(prompts)}", f"got {n}")
+    return prompts[:n]
 
 
 def condition_view(kind: int, seed: int) -> tuple[float, torch.Tensor]:
@@ -116,7 +135,7 @@ def view_elevation_deg(kind: int, seed: int) -> float:
 
 
 def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int | None, sampler: str,
-             device: str, grid: int = 64, guidance: float | None = None) -> Tally:
+             device: str, grid: int = 64, guidance: float | None = None, phrasings: int = 1) -> Tally:
     from ..pipeline import generate
 
     tally = Tally()
@@ -126,26 +145,31 @@ def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int 
         t0 = time.perf_counter()
         common = dict(model=model, steps=steps, guidance_scale=guidance, sampler=sampler, grid_size=grid,
                       device=device)
-        if mode == "text":
-            records = generate(GenerationRequest(prompt=prompt_for(spec), seed=0, batch_size=seeds, **common))
+        if mode == "text":  # one group of seeds per phrasing
+            groups = []
+            for j, prompt in enumerate(text_prompts(spec, phrasings)):
+                groups.append(generate(GenerationRequest(prompt=prompt, seed=0, batch_size=seeds, **common)))
+                tally.phrasing += [j] * seeds
         else:
             records = []
             for seed in range(seeds):  # one image (view) per kind and seed
                 records += generate(GenerationRequest(image=condition_image(spec, seed), seed=seed, **common))
                 tally.elevations.append(view_elevation_deg(k, seed))
+            groups = [records]
         tally.seconds += time.perf_counter() - t0
-        yaws, cols = [], []
-        for rec in records:
-            sc = score_mesh(rec, spec)
-            tally.add(k, rec, sc)
-            if not rec.empty and len(rec.faces):
-                cols.append(mean_color_srgb(rec))
-                if s in YAWED_SHAPES and sc["shape_correct"]:
-                    yaws.append(sc["yaw_deg"])
-        if len(yaws) > 1:
-            tally.yaw_spread.append(float(np.std(yaws)))
-        if len(cols) > 1:
-            tally.color_spread.append(float(np.linalg.norm(np.std(np.stack(cols), 0))))
+        for records in groups:  # seed diversity: the spread across the seeds of one prompt
+            yaws, cols = [], []
+            for rec in records:
+                sc = score_mesh(rec, spec)
+                tally.add(k, rec, sc)
+                if not rec.empty and len(rec.faces):
+                    cols.append(mean_color_srgb(rec))
+                    if s in YAWED_SHAPES and sc["shape_correct"]:
+                        yaws.append(sc["yaw_deg"])
+            if len(yaws) > 1:
+                tally.yaw_spread.append(float(np.std(yaws)))
+            if len(cols) > 1:
+                tally.color_spread.append(float(np.linalg.norm(np.std(np.stack(cols), 0))))
     return tally
 
 
@@ -197,6 +221,8 @@ def main(args) -> int:
 def _evaluate(args) -> int:
     from .. import registry
 
+    if args.mode in ("text", "both"):
+        text_prompts(ObjectSpec(0, 0, 0), args.phrasings)  # a bad --phrasings fails before any work
     held = [k for k in allowed_kinds("heldout")]
     trained_all = allowed_kinds("train")
     g = torch.Generator().manual_seed(1234)
@@ -251,7 +277,8 @@ def _evaluate(args) -> int:
     for mode in modes:
         for split, kinds in splits:
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,
-                             sampler=args.sampler, device=args.device, guidance=args.guidance)
+                             sampler=args.sampler, device=args.device, guidance=args.guidance,
+                             phrasings=args.phrasings if mode == "text" else 1)
             name = f"{mode} {split} ({label})"
             rows[name] = tally.row(_rprec(tally, clip))
             print_table({name: rows[name]})
@@ -262,8 +289,14 @@ def _evaluate(args) -> int:
                 print("  by view elevation (shape / colour acc): " + ", ".join(
                     f"{b} n={v['n']} {_fmt(v['shape_acc'])} / {_fmt(v['color_acc'])}"
                     for b, v in r["by_elevation"].items()))
+            if "by_phrasing" in r:
+                prompts = text_prompts(ObjectSpec(0, 0, 0), args.phrasings)  # the phrasings, shown for a red cube
+                for j, v in r["by_phrasing"].items():
+                    print(f"  phrasing {j} ({prompts[int(j)]!r}): n={v['n']} shape {_fmt(v['shape_acc'])}, "
+                          f"colour {_fmt(v['color_acc'])}")
     print()
-    print(f"model {args.model}, {args.seeds} seeds per kind, {len(held)} held-out kinds "
+    phr = f", text: {args.phrasings} phrasings x {args.seeds} seeds" if args.phrasings > 1 else ""
+    print(f"model {args.model}, {args.seeds} seeds per kind{phr}, {len(held)} held-out kinds "
           f"({len(held) // len(ASPECTS)} pairs x {len(ASPECTS)} aspects), {len(trained)} trained kinds")
     if rows:
         print_table(rows)

@@ -421,10 +421,22 @@ def caption(spec: ObjectSpec, generator: torch.Generator, *, extra_prob: float =
     shape = SHAPES[spec.shape]
     if spec.shape in SHAPE_SYNONYMS and u[1] < synonym_prob:
         shape = SHAPE_SYNONYMS[spec.shape][0]
-    color = COLOR_NAMES[spec.color]
+    aspect = None
     if spec.aspect != 0:
         words = ASPECT_SYNONYMS[spec.aspect]
         aspect = words[0] if u[2] >= synonym_prob else words[int(torch.randint(len(words), (1,), generator=generator))]
+    return _fill(tpl, COLOR_NAMES[spec.color], shape, aspect)
+
+
+def phrasings(spec: ObjectSpec) -> list[str]:
+    """Every caption template filled with the plain words of ``spec`` (no synonyms), in a fixed order."""
+    aspect = ASPECT_SYNONYMS[spec.aspect][0] if spec.aspect != 0 else None
+    return [_fill(tpl, COLOR_NAMES[spec.color], SHAPES[spec.shape], aspect)
+            for tpl in _TEMPLATES_CONTRACT + _TEMPLATES_EXTRA]
+
+
+def _fill(tpl: str, color: str, shape: str, aspect: str | None) -> str:
+    if aspect is not None:
         if "that is" in tpl or tpl.startswith("the ") or tpl.startswith("{shape},"):
             shape = f"{aspect} {shape}"  # the colour stays the predicate
         else:
