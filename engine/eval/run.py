@@ -2,7 +2,8 @@
 
 For text and image conditioning, on every held-out (shape, colour) pair x aspect and on a sample of trained kinds,
 several seeds each: shape accuracy, mean IoU, colour accuracy and CLIP R-precision (mini CLIP), plus seed
-diversity (spread of the fitted yaw for yawed shapes and of the mean colour across seeds of one prompt).
+diversity (spread of the fitted yaw for yawed shapes and of the mean colour across seeds of one prompt). Text
+prompts can come in several phrasings per kind (``--phrasings``), image prompts are one view per kind and seed.
 Every number comes from meshes generated through ``engine.pipeline.generate``: the same path as the CLI.
 Diagnostics: ``--ceiling`` (engine.eval.ceiling), the same metrics for encoded-and-decoded instances of each kind,
 i.e. with a perfect prior; ``--additive-ceiling``, the latents a prior composing (shape, aspect) + colour
