@@ -103,7 +103,8 @@ def text_prompts(spec: ObjectSpec, n: int = 1) -> list[str]:
 
     prompts = [prompt_for(spec)] + phrasings(spec)[1:]  # phrasings' first is prompt_for with 'an' where due
     if not 1 <= n <= len(prompts):
-        raise EngineError(f"--phrasings must be between 1 and {len(prompts)}", f"got {n}")
+        raise EngineError(f"--phrasings must be between 1 and {len(prompts)}, got {n}",
+                          f"use --phrasings {len(prompts)} for every caption template")
     return prompts[:n]
 
 
