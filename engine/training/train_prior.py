@@ -53,6 +53,7 @@ class PriorTrainConfig:
     amp: str = "auto"
     log_every: int = 50
     ckpt_every: int = 1000
+    snapshot_every: int = 0  # >0: also keep the EMA weights every N steps in snapshots/step_NNNNNN/ (to score each)
     init: str = ""  # a prior.safetensors to start from (fine-tuning) instead of the random init
 
 
@@ -164,6 +165,12 @@ def save_prior(state: dict[str, torch.Tensor], cfg: PriorConfig, out_dir: str, i
     return path
 
 
+def snapshot_dir(out_dir: str, step: int) -> str:
+    """Where ``snapshot_every`` keeps the EMA weights after ``step`` steps: a folder like the run's own output, so
+    it can stand in for the prior's stage folder of an export."""
+    return os.path.join(out_dir, "snapshots", f"step_{step:06d}")
+
+
 def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, device: str = "auto",
                 resume: bool = False, prior_cfg: PriorConfig | None = None) -> dict:
     """Train and write ``out_dir``/prior.safetensors; returns a summary (losses, steps, seconds, device)."""
@@ -204,6 +211,8 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
         st.bar.update(1)
         if info.is_main and ((step + 1) % tcfg.ckpt_every == 0 or step + 1 == tcfg.steps):
             st.save(step + 1, model)
+        if info.is_main and tcfg.snapshot_every > 0 and (step + 1) % tcfg.snapshot_every == 0:
+            save_prior(dict(st.ema.shadow), pcfg, snapshot_dir(out_dir, step + 1), {"step": step + 1})
     st.bar.close()
     seconds = time.time() - t0
     summary = {"cond": tcfg.cond, "steps": tcfg.steps, "start_step": st.start, "batch_per_rank": tcfg.batch,
@@ -239,6 +248,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+                   help="also keep the EMA weights every N steps in OUT/snapshots/step_NNNNNN/ (0: off), to score"
+                        " each and keep the best rather than the last")
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", default="", help="prior.safetensors to fine-tune from")
@@ -249,7 +261,8 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     tcfg = PriorTrainConfig(cond=a.cond, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup,
                             ema_decay=a.ema_decay, cond_noise=a.cond_noise, min_snr_gamma=a.min_snr_gamma, seed=a.seed, amp=a.amp,
-                            log_every=a.log_every, ckpt_every=a.ckpt_every, init=a.init)
+                            log_every=a.log_every, ckpt_every=a.ckpt_every, snapshot_every=a.snapshot_every,
+                            init=a.init)
     return train_prior(a.data, a.out, tcfg, device=a.device, resume=a.resume)
 
 

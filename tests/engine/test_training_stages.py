@@ -98,6 +98,31 @@ def test_prior_resume_equals_uninterrupted(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+def test_prior_snapshots_keep_the_ema_weights_along_the_run(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from engine.training import train_prior as tp
+
+    out = str(tmp_path / "run")
+    cfg = tp.PriorTrainConfig(steps=4, batch=4, warmup=1, log_every=100, snapshot_every=2)
+    tp.train_prior(_blob(), out, cfg, device="cpu", prior_cfg=PRIOR)
+    snaps = sorted(os.listdir(os.path.join(out, "snapshots")))
+    assert snaps == ["step_000002", "step_000004"]
+    final = load_file(os.path.join(out, "prior.safetensors"))
+    last = load_file(os.path.join(tp.snapshot_dir(out, 4), "prior.safetensors"))
+    mid = load_file(os.path.join(tp.snapshot_dir(out, 2), "prior.safetensors"))
+    assert last.keys() == final.keys() == mid.keys()
+    assert all(torch.equal(last[k], final[k]) for k in final)  # the last snapshot is the run's own output
+    assert any(not torch.equal(mid[k], final[k]) for k in final)  # an earlier one differs
+    cfg_json = json.loads(open(os.path.join(tp.snapshot_dir(out, 2), "prior_config.json")).read())
+    assert cfg_json["training"] == {"step": 2} and cfg_json["prior"]["width"] == PRIOR.width
+    tp.train_prior(_blob(), str(tmp_path / "plain"), tp.PriorTrainConfig(steps=2, batch=4, warmup=1, log_every=100),
+                   device="cpu", prior_cfg=PRIOR)
+    assert not os.path.exists(tmp_path / "plain" / "snapshots")  # off by default
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
