@@ -168,6 +168,9 @@ class ClipConfig:
     context_length: int = 77
     vocab_size: int = 49408
     quick_gelu: bool = True
+    # Pictures with transparency: None drops alpha as the official transform does (transparent pixels turn black
+    # in its premultiplied resize); an sRGB colour in [0, 1] composites them onto that colour first.
+    alpha_background: tuple[float, float, float] | None = None
 
     @property
     def grid_tokens(self) -> int:

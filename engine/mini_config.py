@@ -15,6 +15,7 @@ MINI_CLIP = ClipConfig(
     arch="custom", pretrained="", embed_dim=64, image_size=64, vision_patch_size=8,  # 8x8 = 64 grid tokens
     vision_width=128, vision_layers=4, text_width=64, text_layers=4, text_heads=2, context_length=77,
     quick_gelu=True,
+    alpha_background=(1.0, 1.0, 1.0),  # its training renders all have a plain white or light grey background
 )
 
 MINI_DECODER = DecoderConfig(

@@ -205,11 +205,17 @@ def _to_pil(image):
     return Image.fromarray(_to_uint8(image))
 
 
-def preprocess_image(image, size: int) -> torch.Tensor:
-    """One image -> (3, size, size) float32, the official ``clip._transform(size)`` on a PIL image."""
+def preprocess_image(image, size: int, alpha_background: tuple[float, float, float] | None = None) -> torch.Tensor:
+    """One image -> (3, size, size) float32, the official ``clip._transform(size)`` on a PIL image.
+
+    ``alpha_background``: for a picture with transparency, the sRGB colour to composite it onto first (None: the
+    official transform, which drops alpha)."""
     from PIL import Image
 
     im = _to_pil(image)
+    if alpha_background is not None and im.mode == "RGBA":
+        colour = tuple(int(round(255 * c)) for c in alpha_background)
+        im = Image.alpha_composite(Image.new("RGBA", im.size, colour + (255,)), im)
     w, h = im.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)  # torchvision's rule for an int size
@@ -317,7 +323,7 @@ class ClipConditioner:
         if not isinstance(images, (list, tuple)) and not (isinstance(images, (np.ndarray, torch.Tensor))
                                                           and images.ndim == 4):
             images = [images]  # one image
-        xs = [preprocess_image(im, self.cfg.image_size) for im in images]
+        xs = [preprocess_image(im, self.cfg.image_size, self.cfg.alpha_background) for im in images]
         if not xs:
             raise EngineError("no images to embed", "give at least one image")
         return torch.stack(xs)

@@ -13,7 +13,7 @@ from tests.refdata import FIXTURES, load_config, load_npz
 pytest.importorskip("open_clip")
 
 from engine.conditioning.clip import (  # noqa: E402
-    ClipConditioner, build_open_clip, load_image, normalize_state_dict, tokenize,
+    ClipConditioner, build_open_clip, load_image, normalize_state_dict, preprocess_image, tokenize,
 )
 
 
@@ -211,3 +211,32 @@ def test_mini_text_generation_does_not_import_open_clip_package():
             "print(sorted(k for k in ('open_clip', 'torchvision', 'transformers') if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def _cutout(size=48):
+    """An RGB picture on white and the same picture as a cutout: transparent (black) background, opaque object."""
+    rgb = np.full((size, size, 3), 255, np.uint8)
+    rgb[12:36, 16:32] = (40, 160, 60)
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[12:36, 16:32, :3] = (40, 160, 60)
+    rgba[12:36, 16:32, 3] = 255
+    return rgb, rgba
+
+
+def test_alpha_background_composites_cutouts_before_the_transform():
+    rgb, rgba = _cutout()
+    on_white = preprocess_image(rgb, 32)
+    torch.testing.assert_close(preprocess_image(rgba, 32, (1.0, 1.0, 1.0)), on_white, rtol=0, atol=1e-6)
+    dropped = preprocess_image(rgba, 32)  # the official transform: alpha dropped, the background turns black
+    assert (dropped - on_white).abs().amax() > 1.0
+    torch.testing.assert_close(preprocess_image(rgb, 32, (1.0, 1.0, 1.0)), on_white, rtol=0, atol=0)  # RGB: as is
+
+
+def test_mini_conditioner_reads_a_cutout_as_the_picture_on_white():
+    from engine import registry
+
+    loaded = registry.load("mini", "image", "cpu")
+    assert loaded.clip.cfg.alpha_background == (1.0, 1.0, 1.0)
+    rgb, rgba = _cutout(96)
+    torch.testing.assert_close(loaded.clip.embed_image_grid([rgba]), loaded.clip.embed_image_grid([rgb]))
+    assert ClipConfig().alpha_background is None  # the official models keep the official transform
