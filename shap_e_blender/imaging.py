@@ -21,16 +21,22 @@ def srgb_to_linear(x: np.ndarray) -> np.ndarray:
     return np.where(x <= 0.04045, x / 12.92, np.power((x + 0.055) / 1.055, 2.4))
 
 
-def pixels_to_srgb_uint8(pixels, width: int, height: int, channels: int = 4, *, linear: bool) -> np.ndarray:
+def pixels_to_srgb_uint8(pixels, width: int, height: int, channels: int = 4, *, linear: bool,
+                         premultiplied: bool = False) -> np.ndarray:
     """Flat Blender pixel buffer (bottom-up rows) -> (H, W, C) uint8 top-down sRGB, C = channels (3 or 4).
 
     ``linear``: the buffer holds scene-linear values (float images) and must be sRGB-encoded; alpha never is.
+    ``premultiplied``: the colours are multiplied by alpha (Blender's float buffers); they are divided back, so the
+    result has straight alpha, as PNG stores it and as the engine composites it.
     """
     arr = np.asarray(pixels, dtype=np.float32)
     if arr.size != width * height * channels:
         raise ValueError(f"pixel buffer has {arr.size} values, expected {width}x{height}x{channels}")
     img = arr.reshape(height, width, channels)[::-1]  # (H, W, C), top row first
     rgb = img[..., :3]
+    if premultiplied and channels == 4:
+        a = img[..., 3:4]
+        rgb = np.where(a > 0, rgb / np.maximum(a, 1e-6), 0.0)
     if linear:
         rgb = linear_to_srgb(rgb)
     out = np.empty((height, width, channels), dtype=np.uint8)

@@ -77,7 +77,9 @@ def image_array(img):
         if channels == 2:
             rgba[:, 3] = grey[:, 1]
         buf, channels = rgba.reshape(-1), 4
-    return pixels_to_srgb_uint8(buf, w, h, channels, linear=linear)
+    # Float buffers hold premultiplied colour; an alpha channel that is not transparency is left out.
+    out = pixels_to_srgb_uint8(buf, w, h, channels, linear=linear, premultiplied=img.is_float)
+    return out[..., :3] if channels == 4 and img.alpha_mode in ("CHANNEL_PACKED", "NONE") else out
 
 
 def file_image(path: str):

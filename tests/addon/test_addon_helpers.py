@@ -37,6 +37,19 @@ def test_linear_buffers_are_srgb_encoded():
     assert np.all(np.abs(out[..., :3].astype(int) - 127.5) < 1) and np.all(out[..., 3] == 255)
 
 
+def test_premultiplied_float_buffers_come_out_with_straight_alpha():
+    # Blender's float buffers hold colour x alpha (a float image with pixels (0.5, 0, 0, 0.5) saves as PNG
+    # (255, 0, 0, 128)); the engine composites straight alpha, as PNG stores it.
+    px = np.array([0.5, 0.0, 0.0, 0.5, 0.107, 0.107, 0.107, 0.5, 0.3, 0.2, 0.1, 0.0, 0.2, 0.2, 0.2, 1.0], np.float32)
+    out = imaging.pixels_to_srgb_uint8(px, 2, 2, 4, linear=False, premultiplied=True)
+    assert out[1, 0].tolist() == [255, 0, 0, 128]  # Blender's bottom row comes last
+    assert out[0, 0].tolist() == [0, 0, 0, 0]  # fully transparent: no colour to recover
+    assert out[0, 1].tolist() == [51, 51, 51, 255]  # opaque: unchanged
+    lin = imaging.pixels_to_srgb_uint8(px, 2, 2, 4, linear=True, premultiplied=True)
+    assert abs(int(lin[1, 1, 0]) - 128) <= 1 and lin[1, 1, 3] == 128  # unpremultiplied (0.214) before encoding
+    assert imaging.pixels_to_srgb_uint8(px, 2, 2, 4, linear=False)[1, 0].tolist() == [128, 0, 0, 128]  # straight
+
+
 def test_pixel_buffer_size_is_checked():
     with pytest.raises(ValueError):
         imaging.pixels_to_srgb_uint8(np.zeros(10), 2, 2, 4, linear=False)
