@@ -11,7 +11,8 @@ the measured reason). Behaviour follows the official ``FrozenImageCLIP``
   L2-normalised.
 * Image preprocessing, exactly the official PIL path (``clip._transform``): uint8 PIL image, resize of the shorter
   side to S with PIL's bicubic filter (PIL antialiases when shrinking and premultiplies alpha for RGBA), centre crop
-  S x S, ``convert('RGB')`` (alpha dropped, not composited), /255, CLIP mean/std.
+  S x S, ``convert('RGB')`` (alpha dropped, not composited), /255, CLIP mean/std. A model whose
+  ``ClipConfig.alpha_background`` is set (the mini model: white) composites pictures with alpha onto it first.
 * Image grid: conv1 -> class token -> positional embedding -> ln_pre -> visual transformer, *before* ln_post and
   the projection, class token dropped, channels first: (B, vision_width, grid_tokens).
 
