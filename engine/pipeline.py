@@ -73,6 +73,12 @@ def condition(model: registry.LoadedModel, req: GenerationRequest) -> torch.Tens
         if req.model == "mini":
             _warn_out_of_vocabulary(req.prompt)
         return model.clip.embed_text([req.prompt])
+    if req.model == "mini":
+        from .conditioning.framing import framing_advice
+
+        advice = framing_advice(np.asarray(req.image))
+        if advice:
+            log.warning("%s", advice)
     return model.clip.embed_image_grid([np.asarray(req.image)])
 
 
