@@ -76,7 +76,7 @@ def condition(model: registry.LoadedModel, req: GenerationRequest) -> torch.Tens
     if req.model == "mini":
         from .conditioning.framing import framing_advice
 
-        advice = framing_advice(np.asarray(req.image))
+        advice = framing_advice(req.image)
         if advice:
             log.warning("%s", advice)
     return model.clip.embed_image_grid([np.asarray(req.image)])

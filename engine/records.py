@@ -33,7 +33,8 @@ class GenerationCancelled(Exception):
 class GenerationRequest:
     """One generation job. Exactly one of ``prompt`` / ``image`` is set.
 
-    image: uint8 or float array (H, W, 3|4) in sRGB; RGBA alpha is dropped like the official preprocessing.
+    image: uint8 or float array (H, W, 3|4) in sRGB; RGBA alpha is dropped like the official preprocessing, except
+    for models whose CLIP config composites it onto a background (the embedded model: white).
     seed: None means 'draw one'; the drawn seed is reported in ``MeshRecord.seed``.
     """
 

@@ -17,13 +17,18 @@ MIN_BACKGROUND = 0.6  # their backgrounds are white or light grey (luminance 0.7
 
 
 def subject_framing(image: np.ndarray, tol: int = 24) -> tuple[float, float] | None:
-    """(extent of the object, background luminance) in the centre square crop of an (H, W, 3|4) uint8 picture.
+    """(extent of the object, background luminance) in the centre square crop of a picture (an array the CLIP
+    transform takes: (H, W[, 3|4]), uint8 or float in [0, 1]).
 
     The background is the median colour of the crop's border (pictures with alpha are put on white first); the
     object is every pixel that differs from it by more than ``tol`` in some channel, and its extent is the larger
     side of its bounding box over the crop's side. None when no such pixel exists.
     """
-    img = np.asarray(image)
+    from .clip import to_uint8
+
+    img = to_uint8(image)  # what the CLIP transform takes (checks the shape and value range)
+    if img.ndim == 2:
+        img = img[..., None]
     if img.shape[-1] == 4:
         a = img[..., 3:4].astype(np.float32) / 255
         img = img[..., :3].astype(np.float32) * a + 255 * (1 - a)

@@ -63,3 +63,10 @@ def test_the_pipeline_warns_about_the_framing_of_mini_image_prompts(caplog):
         assert not [r for r in caplog.records if "spans" in r.getMessage()]
         generate(GenerationRequest(image=_pad(img, 2.5), model="mini", steps=2, grid_size=32, device="cpu"))
     assert any("spans" in r.getMessage() for r in caplog.records)
+
+
+def test_float_and_grey_pictures_are_measured_like_uint8_ones():
+    img = condition_image(ObjectSpec(2, 1, 7), 0)
+    assert subject_framing(img.astype(np.float32) / 255) == subject_framing(img)
+    grey = img.mean(-1).astype(np.uint8)
+    assert subject_framing(grey) == subject_framing(np.repeat(grey[..., None], 3, -1))
