@@ -76,7 +76,7 @@ def condition(model: registry.LoadedModel, req: GenerationRequest) -> torch.Tens
     if req.model == "mini":
         from .conditioning.framing import framing_advice
 
-        advice = framing_advice(req.image)
+        advice = framing_advice(req.image, model.clip.cfg.alpha_background)
         if advice:
             log.warning("%s", advice)
     return model.clip.embed_image_grid([np.asarray(req.image)])

@@ -177,7 +177,7 @@ def tokenize(prompts: Sequence[str], context_length: int = 77) -> tuple[torch.Te
     return out, truncated
 
 
-def to_uint8(image) -> np.ndarray:
+def _to_uint8(image) -> np.ndarray:
     """Array-like (H, W[, 1|3|4]) uint8 or float in [0, 1] -> uint8 (H, W) / (H, W, 3|4)."""
     a = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
     if a.ndim == 3 and a.shape[2] == 1:
@@ -203,7 +203,19 @@ def _to_pil(image):
         if image.mode in ("RGB", "RGBA", "L"):
             return image
         return image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
-    return Image.fromarray(to_uint8(image))
+    return Image.fromarray(_to_uint8(image))
+
+
+def flatten_alpha(image, background: tuple[float, float, float] | None):
+    """The picture as a PIL image, composited onto ``background`` (sRGB in [0, 1]) when it has alpha; None keeps
+    the alpha for the official transform to drop."""
+    from PIL import Image
+
+    im = _to_pil(image)
+    if background is not None and im.mode == "RGBA":
+        colour = tuple(int(round(255 * c)) for c in background)
+        im = Image.alpha_composite(Image.new("RGBA", im.size, colour + (255,)), im)
+    return im
 
 
 def preprocess_image(image, size: int, alpha_background: tuple[float, float, float] | None = None) -> torch.Tensor:
@@ -213,10 +225,7 @@ def preprocess_image(image, size: int, alpha_background: tuple[float, float, flo
     official transform, which drops alpha)."""
     from PIL import Image
 
-    im = _to_pil(image)
-    if alpha_background is not None and im.mode == "RGBA":
-        colour = tuple(int(round(255 * c)) for c in alpha_background)
-        im = Image.alpha_composite(Image.new("RGBA", im.size, colour + (255,)), im)
+    im = flatten_alpha(image, alpha_background)
     w, h = im.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)  # torchvision's rule for an int size
@@ -247,7 +256,7 @@ def load_image(path: str | Path) -> np.ndarray:
             im.load()
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                return np.repeat(to_uint8(np.asarray(im))[..., None], 3, axis=2)
+                return np.repeat(_to_uint8(np.asarray(im))[..., None], 3, axis=2)
             has_alpha = "A" in im.getbands() or "transparency" in im.info
             im = im.convert("RGBA" if has_alpha else "RGB")
             arr = np.array(im, dtype=np.uint8)

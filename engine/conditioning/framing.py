@@ -16,22 +16,18 @@ TRAINING_EXTENT = (0.33, 0.90)  # the object's extent in the mini model's traini
 MIN_BACKGROUND = 0.6  # their backgrounds are white or light grey (luminance 0.75-1)
 
 
-def subject_framing(image: np.ndarray, tol: int = 24) -> tuple[float, float] | None:
-    """(extent of the object, background luminance) in the centre square crop of a picture (an array the CLIP
-    transform takes: (H, W[, 3|4]), uint8 or float in [0, 1]).
+def subject_framing(image, tol: int = 24, alpha_background=(1.0, 1.0, 1.0)) -> tuple[float, float] | None:
+    """(extent of the object, background luminance) in the centre square crop of a picture (what the CLIP
+    transform takes: an (H, W[, 3|4]) uint8 or float array, or a PIL image).
 
-    The background is the median colour of the crop's border (pictures with alpha are put on white first); the
-    object is every pixel that differs from it by more than ``tol`` in some channel, and its extent is the larger
-    side of its bounding box over the crop's side. None when no such pixel exists.
+    A picture with alpha is first composited onto ``alpha_background`` as the model's transform does (the default
+    is the embedded model's white). The background is the median colour of the crop's border; the object is every
+    pixel that differs from it by more than ``tol`` in some channel, and its extent is the larger side of its
+    bounding box over the crop's side. None when no such pixel exists.
     """
-    from .clip import to_uint8
+    from .clip import flatten_alpha
 
-    img = to_uint8(image)  # what the CLIP transform takes (checks the shape and value range)
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.shape[-1] == 4:
-        a = img[..., 3:4].astype(np.float32) / 255
-        img = img[..., :3].astype(np.float32) * a + 255 * (1 - a)
+    img = np.asarray(flatten_alpha(image, alpha_background).convert("RGB"))
     h, w = img.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
@@ -46,9 +42,9 @@ def subject_framing(image: np.ndarray, tol: int = 24) -> tuple[float, float] | N
     return float(extent), float(background.mean() / 255)
 
 
-def framing_advice(image: np.ndarray) -> str | None:
+def framing_advice(image, alpha_background=(1.0, 1.0, 1.0)) -> str | None:
     """What to change so the embedded model reads the picture as it learnt to, or None when it looks right."""
-    framing = subject_framing(image)
+    framing = subject_framing(image, alpha_background=alpha_background)
     if framing is None:
         return ("the picture shows no object on a plain background; the embedded model learnt from one object, "
                 "centred on a plain light background")
