@@ -9,6 +9,7 @@ Output (rank 0): ``clip.safetensors`` (fp32, the open_clip / OpenAI key layout t
 and a resumable ``checkpoint.pt``.
 
     python -m engine.training.train_clip --out DIR --steps N --batch B [--device auto|cpu|cuda] [--resume]
+        [--init engine/weights/mini/clip.safetensors]
     torchrun --nproc_per_node 2 -m engine.training.train_clip --out DIR ...
 """
 
@@ -28,7 +29,7 @@ from engine.mini_config import MINI_CLIP
 
 from . import loop, render_world
 from .world import (
-    allowed_kinds, all_kind_captions, caption, kind_from_index, ObjectSpec, YAWED_SHAPES,
+    allowed_kinds, all_kind_captions, caption, COLORS, kind_from_index, ObjectSpec, partial_caption, YAWED_SHAPES,
 )
 from engine.render.cameras import look_at_cameras
 
@@ -108,11 +109,11 @@ class RenderBank:
         self.images = torch.cat(images)  # (n, 3, S, S) normalised, on device
         self.kinds = torch.tensor([s.kind for s in self.specs], device=self.images.device)
 
-    def draw(self, batch: int, g: torch.Generator) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    def draw(self, batch: int, g: torch.Generator) -> tuple[torch.Tensor, list[ObjectSpec], list[str], torch.Tensor]:
         idx = torch.randint(len(self.specs), (batch,), generator=g)
-        caps = [caption(self.specs[i], g) for i in idx.tolist()]
+        specs = [self.specs[i] for i in idx.tolist()]
         idx_dev = idx.to(self.images.device)
-        return self.images[idx_dev], caps, self.kinds[idx_dev]
+        return self.images[idx_dev], specs, [caption(s, g) for s in specs], self.kinds[idx_dev]
 
 
 def gather_features(x: torch.Tensor, info: loop.DistInfo) -> torch.Tensor:
@@ -125,15 +126,46 @@ def gather_features(x: torch.Tensor, info: loop.DistInfo) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
-def multi_positive_infonce(img: torch.Tensor, txt: torch.Tensor, kinds: torch.Tensor, scale: torch.Tensor
-                           ) -> torch.Tensor:
-    """Symmetric cross-entropy with soft targets uniform over same-kind pairs. img, txt: (N, D) unit; kinds (N,)."""
+def multi_positive_infonce(img: torch.Tensor, txt: torch.Tensor, kinds: torch.Tensor, scale: torch.Tensor,
+                           parts: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric cross-entropy with soft targets uniform over the pairs whose caption describes the image
+    (``positives``). img, txt: (N, D) unit; kinds (N,); parts (N,) or None (every caption names its kind)."""
     logits = scale * img @ txt.t()  # (N, N)
-    same = (kinds[:, None] == kinds[None, :]).float()
-    target = same / same.sum(1, keepdim=True)
-    li = -(target * F.log_softmax(logits, 1)).sum(1).mean()
-    lt = -(target * F.log_softmax(logits.t(), 1)).sum(1).mean()
+    same = positives(kinds, parts).float()  # [image i, caption j]
+    li = -(same / same.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+    lt = -(same.t() / same.t().sum(1, keepdim=True) * F.log_softmax(logits.t(), 1)).sum(1).mean()
     return 0.5 * (li + lt)
+
+
+def positives(kinds: torch.Tensor, parts: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, N) bool [image i, caption j]: caption j (written for image j) describes image i. A full caption describes
+    its kind; a PART_SHAPE one every image of its shape and aspect; a PART_COLOR one every image of its colour."""
+    same = kinds[:, None] == kinds[None, :]
+    if parts is None:
+        return same
+    geo, col = kinds // len(COLORS), kinds % len(COLORS)  # kind = (shape * 3 + aspect) * 12 + colour
+    same = torch.where(parts[None, :] == PART_SHAPE, geo[:, None] == geo[None, :], same)
+    return torch.where(parts[None, :] == PART_COLOR, col[:, None] == col[None, :], same)
+
+
+PART_FULL, PART_SHAPE, PART_COLOR = 0, 1, 2
+
+
+def partial_captions(specs: list[ObjectSpec], caps: list[str], prob: float, g: torch.Generator
+                     ) -> tuple[list[str], torch.Tensor]:
+    """Replace a fraction ``prob`` of the captions by ones naming only the shape or only the colour (half each),
+    so that the encoders learn shape and colour as separate directions (they meet unseen pairs at test time)."""
+    parts = torch.zeros(len(caps), dtype=torch.long)
+    if prob <= 0:
+        return caps, parts
+    u = torch.rand(len(caps), generator=g).tolist()
+    caps = list(caps)
+    for i, spec in enumerate(specs):
+        if u[i] < prob:
+            part = PART_SHAPE if u[i] < prob / 2 else PART_COLOR
+            caps[i] = partial_caption(spec, g, "shape" if part == PART_SHAPE else "color")
+            parts[i] = part
+    return caps, parts
 
 
 @torch.no_grad()
@@ -201,6 +233,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", default="", help="clip.safetensors to fine-tune from (e.g. the embedded model's)")
+    p.add_argument("--partial-captions", type=float, default=0.0,
+                   help="fraction of captions that name only the shape or only the colour (positives: every image "
+                        "they describe)")
     p.add_argument("--bank", type=int, default=0,
                    help="pre-render this many training images once and draw batches from them (0: render every "
                         "step); sphere tracing dominates a step, so a bank makes steps ~30x cheaper on a GPU")
@@ -215,7 +251,12 @@ def main(argv=None) -> dict:
     loop.set_cpu_threads(args.threads, info)
     cfg = MINI_CLIP_CONFIG
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    model = build_clip(cfg).to(info.device)
+    model = build_clip(cfg)
+    if args.init:  # continue from trained weights (fp16 files are widened to fp32)
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(args.init).items()}, strict=True)
+    model = model.to(info.device)
     ss = args.supersample or (2 if info.device.type == "cuda" else 1)
     opt = loop.build_optimizer(model, args.lr, args.weight_decay)
     warm = args.warmup if args.warmup is not None else min(1000, max(1, args.steps // 20))
@@ -234,18 +275,20 @@ def main(argv=None) -> dict:
     for step in range(start, args.steps):
         g = loop.step_generator(args.seed, info.rank, step)
         if bank is not None:
-            images, caps, kinds = bank.draw(args.batch, g)
+            images, specs, caps, kinds = bank.draw(args.batch, g)
         else:
             specs, caps = draw_batch(args.batch, g)
             with torch.no_grad():
                 images = normalize_images(render_training_images(specs, g, cfg.image_size, info.device, ss))
             kinds = torch.tensor([s.kind for s in specs], device=info.device)
+        caps, parts = partial_captions(specs, caps, args.partial_captions, g)
         tokens = tokenize(caps, cfg.context_length).to(info.device)
         with loop.autocast_context(info.device, args.amp):
             img_f, txt_f, scale = ddp(images, tokens)
         img_all, txt_all = gather_features(img_f.float(), info), gather_features(txt_f.float(), info)
         kinds_all = gather_features(kinds, info)
-        loss = multi_positive_infonce(img_all, txt_all, kinds_all, scale.float())
+        parts_all = gather_features(parts.to(info.device), info) if args.partial_captions > 0 else None
+        loss = multi_positive_infonce(img_all, txt_all, kinds_all, scale.float(), parts_all)
         loop.optimizer_step(loss, model, opt, scaler, sched, grad_clip=1.0)
         with torch.no_grad():
             loop.unwrap(ddp).logit_scale.clamp_(0, math.log(100))

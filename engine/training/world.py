@@ -428,6 +428,18 @@ def caption(spec: ObjectSpec, generator: torch.Generator, *, extra_prob: float =
     return _fill(tpl, COLOR_NAMES[spec.color], shape, aspect)
 
 
+_TEMPLATES_SHAPE_ONLY = ("a {shape}", "{shape}", "a 3d model of a {shape}", "a render of a {shape}")
+_TEMPLATES_COLOR_ONLY = ("a {color} object", "something {color}", "a {color} thing", "an object that is {color}")
+
+
+def partial_caption(spec: ObjectSpec, generator: torch.Generator, part: str) -> str:
+    """A caption naming only part of ``spec``: ``part`` 'shape' (aspect and shape, no colour) or 'color'."""
+    pool = _TEMPLATES_SHAPE_ONLY if part == "shape" else _TEMPLATES_COLOR_ONLY
+    tpl = pool[int(torch.randint(len(pool), (1,), generator=generator))]
+    shape = SHAPES[spec.shape] if spec.aspect == 0 else f"{ASPECT_SYNONYMS[spec.aspect][0]} {SHAPES[spec.shape]}"
+    return _article(tpl.format(shape=shape, color=COLOR_NAMES[spec.color]))
+
+
 def phrasings(spec: ObjectSpec) -> list[str]:
     """Every caption template filled with the plain words of ``spec`` (no synonyms), in a fixed order."""
     aspect = ASPECT_SYNONYMS[spec.aspect][0] if spec.aspect != 0 else None

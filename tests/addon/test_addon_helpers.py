@@ -142,3 +142,19 @@ def test_status_uses_find_spec_without_importing():
     st = {d.module: d.present for d in deps.status()}
     assert st["yaml"] in (True, False) and "torch" in st
     assert "torch" in sys.modules or "torch" not in (set(sys.modules) - before)
+
+
+def test_guidance_tooltip_quotes_the_engine_defaults():
+    """The panel's guidance tooltip spells out the defaults (the add-on's property module imports no engine code):
+    they must be the ones the engine uses."""
+    import re
+
+    from engine.config import official_bundle
+    from engine.mini_config import MINI_GUIDANCE
+
+    src = (Path(__file__).resolve().parents[2] / "shap_e_blender" / "properties.py").read_text()
+    m = re.search(r"official: ([\d.]+) text, ([\d.]+) image; embedded: ([\d.]+) text, ([\d.]+) image", src)
+    assert m, "the guidance tooltip no longer names the defaults"
+    quoted = [float(x) for x in m.groups()]
+    assert quoted == [official_bundle("text300M").sampler.guidance_scale,
+                      official_bundle("image300M").sampler.guidance_scale, MINI_GUIDANCE["text"], MINI_GUIDANCE["image"]]

@@ -125,6 +125,44 @@ def test_multiview_depth_and_cameras():
     assert hit[0, 0].sum().item() == pytest.approx(3.1416 * radius_px.item() ** 2, rel=0.05)
 
 
+def test_partial_captions_and_their_positives():
+    from engine.training.train_clip import PART_COLOR, PART_SHAPE, partial_captions, positives
+    from engine.training.world import COLOR_NAMES, ObjectSpec, SHAPES
+
+    specs = [ObjectSpec(0, 2, 3), ObjectSpec(0, 2, 5), ObjectSpec(2, 0, 3)]  # flat cube x2 colours, cylinder
+    caps, parts = partial_captions(specs, ["full"] * 3, 1.0, torch.Generator().manual_seed(0))
+    for spec, cap, part in zip(specs, caps, parts.tolist()):
+        assert part in (PART_SHAPE, PART_COLOR)
+        names_colour = COLOR_NAMES[spec.color] in cap
+        assert names_colour == (part == PART_COLOR) and (SHAPES[spec.shape] in cap) == (part == PART_SHAPE)
+    same, none = partial_captions(specs, ["full"] * 3, 0.0, torch.Generator())
+    assert same == ["full"] * 3 and not none.any()
+    kinds = torch.tensor([s.kind for s in specs])
+    assert torch.equal(positives(kinds), torch.eye(3, dtype=torch.bool))
+    # a shape-only caption of the first flat cube describes the second one too; a colour-only one the cylinder
+    shape_first = positives(kinds, torch.tensor([PART_SHAPE, 0, 0]))
+    assert shape_first[:, 0].tolist() == [True, True, False] and torch.equal(shape_first[:, 1:], torch.eye(3)[:, 1:] > 0)
+    colour_first = positives(kinds, torch.tensor([PART_COLOR, 0, 0]))
+    assert colour_first[:, 0].tolist() == [True, False, True]
+    # the loss uses them: with both cubes embedded alike, a shape-only first caption costs less than a full one
+    f = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    t = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0]]), dim=-1)
+    scale = torch.tensor(100.0)
+    assert multi_positive_infonce(f, t, kinds, scale, torch.tensor([PART_SHAPE, 0, 0])) < \
+        multi_positive_infonce(f, t, kinds, scale)
+
+
+def test_clip_fine_tune_starts_from_init(tmp_path):
+    from safetensors.torch import load_file
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    main(["--out", a, "--steps", "1", "--batch", "4", "--no-eval", "--device", "cpu", "--seed", "1"])
+    main(["--out", b, "--steps", "1", "--batch", "4", "--no-eval", "--device", "cpu", "--lr", "0",
+          "--init", os.path.join(a, "clip.safetensors"), "--partial-captions", "0.5"])
+    sa, sb = load_file(os.path.join(a, "clip.safetensors")), load_file(os.path.join(b, "clip.safetensors"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # lr 0: the init comes back unchanged
+
+
 def test_clip_layout_and_resume(tmp_path):
     from open_clip.model import build_model_from_openai_state_dict
     from safetensors.torch import load_file
