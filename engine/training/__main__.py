@@ -34,9 +34,7 @@ DEFAULT_EXPORT = Path(__file__).resolve().parents[1] / "weights" / "mini"
 PRESETS: dict[str, dict] = {
     "gpu": {  # one H100, measured per step: CLIP 0.7 s (b256, render-bound), transmitter 0.105 s (b64),
         # prior 0.017 s (b256); bank 4096 objects 17 s, encoding 5904 objects 23 s -> about 17 min in all
-        # partial captions: a CPU fine-tune of the shipped CLIP with them read held-out image prompts far better
-        # (README, "A CLIP that separates shape and colour")
-        "clip": {"steps": 450, "batch": 256, "partial_captions": 0.3},
+        "clip": {"steps": 450, "batch": 256},
         "transmitter": {"steps": 3000, "batch": 64, "bank": 4096, "eval_every": 1000},
         "encode": {"per_kind": 24, "cond_views": 4},
         "text_prior": {"steps": 8000, "batch": 256},
