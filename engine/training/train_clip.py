@@ -126,6 +126,9 @@ def gather_features(x: torch.Tensor, info: loop.DistInfo) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
+PART_FULL, PART_SHAPE, PART_COLOR = 0, 1, 2  # what a caption names: its kind, only the shape, only the colour
+
+
 def multi_positive_infonce(img: torch.Tensor, txt: torch.Tensor, kinds: torch.Tensor, scale: torch.Tensor,
                            parts: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric cross-entropy with soft targets uniform over the pairs whose caption describes the image
@@ -146,9 +149,6 @@ def positives(kinds: torch.Tensor, parts: torch.Tensor | None = None) -> torch.T
     geo, col = kinds // len(COLORS), kinds % len(COLORS)  # kind = (shape * 3 + aspect) * 12 + colour
     same = torch.where(parts[None, :] == PART_SHAPE, geo[:, None] == geo[None, :], same)
     return torch.where(parts[None, :] == PART_COLOR, col[:, None] == col[None, :], same)
-
-
-PART_FULL, PART_SHAPE, PART_COLOR = 0, 1, 2
 
 
 def partial_captions(specs: list[ObjectSpec], caps: list[str], prob: float, g: torch.Generator
