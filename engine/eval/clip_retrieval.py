@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..training.world import ObjectSpec, all_kind_captions, kind_from_index
+from ..training.captions import all_kind_captions
+from ..training.world import ObjectSpec, kind_from_index
 
 
 @torch.no_grad()

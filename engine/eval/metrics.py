@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from engine.records import EngineError
+from engine.training.captions import all_kind_captions
 from engine.training.world import (
-    ASPECTS, COLORS, SHAPES, YAWED_SHAPES, ObjectSpec, all_kind_captions, kind_from_index, linear_to_srgb,
+    ASPECTS, COLORS, SHAPES, YAWED_SHAPES, ObjectSpec, kind_from_index, linear_to_srgb,
     shape_params, signed_distance_tensors, srgb_to_linear,
 )
 

@@ -98,8 +98,8 @@ def prompt_for(spec: ObjectSpec) -> str:
 
 def text_prompts(spec: ObjectSpec, n: int = 1) -> list[str]:
     """The first ``n`` phrasings of a text prompt: ``prompt_for`` (what every figure before ``--phrasings`` used),
-    then the other caption templates filled with the kind's plain words (``training.world.phrasings``)."""
-    from ..training.world import phrasings
+    then the other caption templates filled with the kind's plain words (``training.captions.phrasings``)."""
+    from ..training.captions import phrasings
 
     prompts = [prompt_for(spec)] + phrasings(spec)[1:]  # phrasings' first is prompt_for with 'an' where due
     if not 1 <= n <= len(prompts):

@@ -20,8 +20,9 @@ import torch
 from engine.render.cameras import look_at_cameras
 
 from . import render_world
+from .captions import caption
 from .world import (
-    ObjectSpec, caption, rotate_z, sample_spec, shape_params, signed_distance, signed_distance_tensors,
+    ObjectSpec, rotate_z, sample_spec, shape_params, signed_distance, signed_distance_tensors,
     specs_tensors,
 )
 

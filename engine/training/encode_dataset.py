@@ -24,7 +24,8 @@ from engine.models.transmitter import Transmitter
 
 from . import render_world
 from .object_bank import build_bank
-from .world import YAWED_SHAPES, ObjectSpec, allowed_kinds, caption, is_held_out, kind_from_index
+from .captions import caption
+from .world import YAWED_SHAPES, ObjectSpec, allowed_kinds, is_held_out, kind_from_index
 
 
 def train_specs(per_kind: int, generator: torch.Generator, jitter: float = 0.05, kind_stride: int = 1

@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from .world import YAWED_SHAPES, ObjectSpec, caption, is_held_out, rotate_z, signed_distance_tensors
+from .captions import caption
+from .world import YAWED_SHAPES, ObjectSpec, is_held_out, rotate_z, signed_distance_tensors
 
 YAW_STEP_DEG = 5.0
 

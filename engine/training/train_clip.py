@@ -28,9 +28,8 @@ from engine.config import ClipConfig, to_dict
 from engine.mini_config import MINI_CLIP
 
 from . import loop, render_world
-from .world import (
-    allowed_kinds, all_kind_captions, caption, COLORS, kind_from_index, ObjectSpec, partial_caption, YAWED_SHAPES,
-)
+from .captions import all_kind_captions, caption, partial_caption
+from .world import allowed_kinds, COLORS, kind_from_index, ObjectSpec, YAWED_SHAPES
 from engine.render.cameras import look_at_cameras
 
 MINI_CLIP_CONFIG = MINI_CLIP  # the mini CLIP's sizes: engine/mini_config.py is the single source of truth

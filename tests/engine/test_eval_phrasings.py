@@ -5,7 +5,8 @@ import torch
 
 from engine.eval.run import Tally, evaluate, prompt_for, text_prompts
 from engine.records import EngineError
-from engine.training.world import ObjectSpec, caption, kind_index, phrasings
+from engine.training.captions import caption, phrasings
+from engine.training.world import ObjectSpec, kind_index
 
 
 def test_first_phrasing_is_the_default_prompt_and_all_name_the_kind():

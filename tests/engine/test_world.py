@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.training import data as D
+from engine.training import captions as C
 from engine.training import world as W
 
 
@@ -113,7 +114,7 @@ def test_yaw_rotates_about_z():
 
 
 def test_captions():
-    caps = W.all_kind_captions()
+    caps = C.all_kind_captions()
     assert len(caps) == 288 and len(set(caps)) == 288
     assert caps[W.kind_index(0, 0, 0)] == "a red cube"
     assert caps[W.kind_index(3, 1, 3)] == "a tall orange cone"
@@ -121,11 +122,11 @@ def test_captions():
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
         s = W.sample_spec(g)
-        c = W.caption(s, g)
+        c = C.caption(s, g)
         assert W.COLOR_NAMES[s.color] in c
-        assert W.SHAPES[s.shape] in c or any(w in c for w in W.SHAPE_SYNONYMS.get(s.shape, ()))
+        assert W.SHAPES[s.shape] in c or any(w in c for w in C.SHAPE_SYNONYMS.get(s.shape, ()))
         if s.aspect:
-            assert any(w in c.split() for w in W.ASPECT_SYNONYMS[s.aspect])
+            assert any(w in c.split() for w in C.ASPECT_SYNONYMS[s.aspect])
         else:
-            assert not any(w in c.split() for ws in W.ASPECT_SYNONYMS.values() for w in ws)
+            assert not any(w in c.split() for ws in C.ASPECT_SYNONYMS.values() for w in ws)
         assert " a o" not in f" {c}" and " a e" not in f" {c}"
