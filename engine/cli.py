@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-error", action="store_true",
                    help="also print each prior's x0 error per noise level on encoded instances")
     p.add_argument("--clip-retrieval", action="store_true",
-                   help="also retrieve each image prompt's CLIP embedding among the kind captions (what the"
-                        " conditioning itself tells)")
+                   help="also retrieve each image prompt's CLIP embedding among the kind captions, and probe the"
+                        " held-out text prompts' CLIP vectors linearly (what the conditioning itself tells)")
     p.set_defaults(fn=cmd_eval)
     return ap
 

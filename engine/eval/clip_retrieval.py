@@ -54,3 +54,57 @@ def print_retrieval(name: str, res: dict) -> None:
     top = list(res["confusions"].items())[:6]
     if top:
         print("  most confused: " + ", ".join(f"{k} ({v})" for k, v in top))
+
+
+def text_prompt_probe(clip, *, phrasings: int = 11, steps: int = 1500, seed: int = 0) -> dict:
+    """What the CLIP text vector of a held-out prompt tells, and how it is built.
+
+    Linear probes (softmax regression on the unit vectors, fitted on the ``phrasings`` prompts of every trained
+    kind) read the (shape, aspect) and the colour off the held-out kinds' prompts: if they read them, the
+    information the text prior needs is at its input, linearly, and its misses are its own. ``analogy_top1``: for
+    each held-out kind (g, c), the mean over every analogy e(g, c') - e(g', c') + e(g', c) of trained kinds (mean
+    vector of the kind's phrasings), is the nearest of the 288 kinds' vectors the held-out kind itself? High
+    values mean the text space is nearly additive in shape and colour.
+    """
+    from ..training.world import COLORS, N_KINDS, allowed_kinds
+    from .run import text_prompts
+
+    n_c = len(COLORS)
+    vec = clip.embed_text([p for k in range(N_KINDS) for p in text_prompts(ObjectSpec(*kind_from_index(k)),
+                                                                            phrasings)])
+    vec = vec.view(N_KINDS, phrasings, -1)
+    train, held = allowed_kinds("train"), allowed_kinds("heldout")
+    labels = torch.tensor([[k // n_c, k % n_c] for k in range(N_KINDS)])
+    out = {"n": len(held) * phrasings}
+    g = torch.Generator().manual_seed(seed)
+    for j, name, classes in ((0, "shape_aspect", N_KINDS // n_c), (1, "color", n_c)):
+        x, y = vec[train].reshape(-1, vec.shape[-1]), labels[train, j].repeat_interleave(phrasings)
+        w = (0.01 * torch.randn(vec.shape[-1], classes, generator=g)).requires_grad_()
+        b = torch.zeros(classes, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=1e-2)
+        for _ in range(steps):
+            with torch.enable_grad():
+                loss = torch.nn.functional.cross_entropy(10 * x @ w + b, y)
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+        xh, yh = vec[held].reshape(-1, vec.shape[-1]), labels[held, j].repeat_interleave(phrasings)
+        out[f"probe_{name}_acc"] = float(((10 * xh @ w + b).argmax(1) == yh).float().mean())
+        out[f"probe_{name}_train_acc"] = float(((10 * x @ w + b).argmax(1) == y).float().mean())
+    mean = torch.nn.functional.normalize(vec.mean(1), dim=-1)
+    have, hits = set(train), 0
+    for k in held:
+        gk, c = divmod(k, n_c)
+        sums = [mean[gk * n_c + c2] - mean[g2 * n_c + c2] + mean[g2 * n_c + c]
+                for g2 in range(N_KINDS // n_c) for c2 in range(n_c)
+                if g2 != gk and c2 != c and {gk * n_c + c2, g2 * n_c + c2, g2 * n_c + c} <= have]
+        hits += int((mean @ torch.stack(sums).mean(0)).argmax()) == k
+    out["analogy_top1"] = hits / len(held)
+    return out
+
+
+def print_probe(res: dict) -> None:
+    print(f"held-out text prompts' CLIP vectors (n {res['n']}): linear probe (shape, aspect) "
+          f"{100 * res['probe_shape_aspect_acc']:.1f} %, colour {100 * res['probe_color_acc']:.1f} % (trained "
+          f"{100 * res['probe_shape_aspect_train_acc']:.1f} / {100 * res['probe_color_train_acc']:.1f} %); "
+          f"additive analogy finds the kind {100 * res['analogy_top1']:.1f} %")

@@ -269,9 +269,12 @@ def _evaluate(args) -> int:
                 diagnostics[f"{mode} prior x0 error {split}"] = res
                 print_prior_error(f"{mode} prior x0 error, {split}", res)
     if args.clip_retrieval:
-        from .clip_retrieval import image_prompt_retrieval, print_retrieval
+        from .clip_retrieval import image_prompt_retrieval, print_probe, print_retrieval, text_prompt_probe
 
         embedder = registry.load(args.model, "image", "cpu").clip
+        if args.model == "mini":  # the probe's labels are the mini world's kinds
+            diagnostics["text prompt CLIP probe held-out"] = res = text_prompt_probe(embedder)
+            print_probe(res)
         for split, kinds in splits:
             res = image_prompt_retrieval(kinds, embedder, seeds=args.seeds)
             diagnostics[f"image prompt CLIP retrieval {split}"] = res

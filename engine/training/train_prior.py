@@ -30,6 +30,7 @@ from engine.diffusion.schedules import c_in, exp_alphas_cumprod, sigmas_from_alp
 from engine.mini_config import MINI_IMAGE_PRIOR, MINI_TEXT_PRIOR
 from engine.models.latent_transformer import LatentPrior
 from engine.records import EngineError
+from engine.training.world import COLORS, N_KINDS
 
 from . import loop
 
@@ -47,6 +48,7 @@ class PriorTrainConfig:
     ema_decay: float = 0.999
     cond_drop_prob: float = 0.1
     cond_noise: float = 0.0  # Gaussian noise on the condition (text: per unit-vector component, renormalised)
+    analogy_frac: float = 0.0  # text: fraction of each batch made of analogies of trained kinds (LatentSet.analogy)
     min_snr_gamma: float = 0.0  # 0: plain x0 MSE (official); >0: weight min(SNR, γ) / normalisation
     grad_clip: float = 1.0
     seed: int = 0
@@ -70,16 +72,12 @@ class LatentSet:
                                   "run encode_dataset with the trained CLIP (--clip)")
             self.caption_emb = blob["caption_emb"].to(device, torch.float32)  # (M, clip_dim)
             ck = blob["caption_kind"]
-            n_kinds = int(max(int(ck.max()), int(self.kind.max()))) + 1
-            counts = torch.bincount(ck, minlength=n_kinds)
+            n_kinds = max(int(ck.max()) + 1, int(self.kind.max()) + 1, N_KINDS)
+            table, counts = _index_table(ck, n_kinds)
             if bool((counts[self.kind.cpu().unique()] == 0).any()):
                 raise EngineError("some encoded kinds have no captions", "re-run encode_dataset")
-            table = torch.zeros(n_kinds, int(counts.max()), dtype=torch.long)
-            order = torch.argsort(ck, stable=True)
-            starts = torch.cumsum(counts, 0) - counts
-            for k in range(n_kinds):  # once, at load time
-                table[k, :counts[k]] = order[starts[k]:starts[k] + counts[k]]
             self.caption_table, self.caption_count = table.to(device), counts.to(device)
+            self.object_table, self.object_count = _index_table(self.kind.cpu(), n_kinds)
         else:
             if blob.get("image_grids") is None:
                 raise EngineError("the encoded dataset has no image grids",
@@ -89,19 +87,75 @@ class LatentSet:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0 (n, d_latent), cond) drawn with the CPU ``generator``."""
+    def _caption(self, k: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The embedding of a random caption of each kind in ``k``."""
+        u = torch.rand(len(k), generator=generator).to(k.device)
+        j = (u * self.caption_count[k]).long().clamp(max=self.caption_table.shape[1] - 1)
+        return self.caption_emb[self.caption_table[k, j]]
+
+    def _instance(self, k: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The latent of a random encoded object of each kind in ``k`` (a kind with none gives object 0)."""
+        kc = k.cpu()
+        j = (torch.rand(len(k), generator=generator) * self.object_count[kc]).long()
+        return self.latents[self.object_table[kc, j.clamp(max=self.object_table.shape[1] - 1)].to(k.device)]
+
+    def batch(self, n: int, generator: torch.Generator, analogy_frac: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 (n, d_latent), cond) drawn with the CPU ``generator``; text rows are replaced by analogies
+        (``analogy``) with probability ``analogy_frac``."""
         dev = self.latents.device
         idx = torch.randint(len(self), (n,), generator=generator).to(dev)
-        u = torch.rand(n, generator=generator).to(dev)
+        x0 = self.latents[idx]
         if self.cond == "text":
-            k = self.kind[idx]
-            j = (u * self.caption_count[k]).long().clamp(max=self.caption_table.shape[1] - 1)
-            cond = self.caption_emb[self.caption_table[k, j]]
+            cond = self._caption(self.kind[idx], generator)
+            if analogy_frac > 0:
+                use = (torch.rand(n, generator=generator) < analogy_frac).to(dev)
+                a_cond, a_x0, ok = self.analogy(self.kind[idx], generator)
+                use = use & ok
+                cond = torch.where(use[:, None], a_cond, cond)
+                x0 = torch.where(use[:, None], a_x0, x0)
         else:
+            u = torch.rand(n, generator=generator).to(dev)
             v = (u * self.grids.shape[1]).long().clamp(max=self.grids.shape[1] - 1)
             cond = self.grids[idx, v].float()
-        return self.latents[idx], cond
+        return x0, cond
+
+    def analogy(self, result: torch.Tensor, generator: torch.Generator, tries: int = 16
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Analogies that land on the kinds ``result``: for r = (shape-aspect g, colour c), three kinds of the
+        dataset A = (g, c'), B = (g', c'), C = (g', c) with g' != g and c' != c; condition = unit(e_A - e_B + e_C)
+        of random captions, target = z_A - z_B + z_C of random encoded objects. Returns (cond, x0, ok); ok is
+        False where none of ``tries`` draws had all three kinds in the dataset (those rows are unusable).
+
+        A (shape, colour) pair's CLIP text vector is close to such sums (the mini CLIP's text space is nearly
+        additive) and the transmitter's latents add up the same way, so these rows ask the prior to map sums of
+        conditions to sums of latents: composition, taught on trained kinds only. Every kind involved, the
+        result included, is one the dataset has, so no held-out pair is ever formed."""
+        n_c = len(COLORS)
+        n_g = N_KINDS // n_c
+        r = result.cpu()
+        g, c = r // n_c, r % n_c
+        g2 = torch.randint(n_g, (len(r), tries), generator=generator)
+        c2 = torch.randint(n_c, (len(r), tries), generator=generator)
+        ka, kb, kc = g[:, None] * n_c + c2, g2 * n_c + c2, g2 * n_c + c[:, None]
+        have = self.object_count > 0
+        ok = have[ka] & have[kb] & have[kc] & (g2 != g[:, None]) & (c2 != c[:, None])
+        first = ok.float().argmax(1, keepdim=True)  # the first usable draw of each row
+        ka, kb, kc = (t.gather(1, first)[:, 0].to(result.device) for t in (ka, kb, kc))
+        cond = self._caption(ka, generator) - self._caption(kb, generator) + self._caption(kc, generator)
+        x0 = self._instance(ka, generator) - self._instance(kb, generator) + self._instance(kc, generator)
+        return torch.nn.functional.normalize(cond, dim=-1), x0, ok.any(1).to(result.device)
+
+
+def _index_table(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table (n, max count) of the positions of each key in ``keys``, padded with 0; counts (n,))."""
+    counts = torch.bincount(keys, minlength=n)
+    table = torch.zeros(n, max(int(counts.max()), 1), dtype=torch.long)
+    order = torch.argsort(keys, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    for k in range(n):
+        table[k, :counts[k]] = order[starts[k]:starts[k] + counts[k]]
+    return table, counts
 
 
 def perturb_condition(cond: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -198,7 +252,7 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
     t0 = time.time()
     for step in range(st.start, tcfg.steps):
         g = loop.step_generator(tcfg.seed, info.rank, step)
-        x0, cond = ds.batch(tcfg.batch, g)
+        x0, cond = ds.batch(tcfg.batch, g, tcfg.analogy_frac)
         cond = perturb_condition(cond, tcfg.cond_noise, g)
         cond = drop_condition(cond, tcfg.cond_drop_prob, g)
         loss = diffusion_loss(st.ddp, x0, cond, g, sigma_table=sigma_table, min_snr_gamma=tcfg.min_snr_gamma,
@@ -243,6 +297,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cond-noise", type=float, default=d.cond_noise,
                    help="std of Gaussian noise added to the condition in training (text: per component of the unit"
                         " CLIP vector, e.g. 0.05; image: relative to the grid's RMS)")
+    p.add_argument("--analogy-frac", type=float, default=d.analogy_frac,
+                   help="text: fraction of each batch replaced by analogies of trained kinds (condition e_A - e_B +"
+                        " e_C, target z_A - z_B + z_C, landing on a trained kind), to teach composition")
     p.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
@@ -260,7 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     tcfg = PriorTrainConfig(cond=a.cond, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup,
-                            ema_decay=a.ema_decay, cond_noise=a.cond_noise, min_snr_gamma=a.min_snr_gamma, seed=a.seed, amp=a.amp,
+                            ema_decay=a.ema_decay, cond_noise=a.cond_noise, analogy_frac=a.analogy_frac,
+                            min_snr_gamma=a.min_snr_gamma, seed=a.seed, amp=a.amp,
                             log_every=a.log_every, ckpt_every=a.ckpt_every, snapshot_every=a.snapshot_every,
                             init=a.init)
     return train_prior(a.data, a.out, tcfg, device=a.device, resume=a.resume)

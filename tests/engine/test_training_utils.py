@@ -223,3 +223,40 @@ def test_perturb_condition_text_and_image():
     grid = torch.randn(8, 128, 64) * 3.0
     rel = (perturb_condition(grid, 0.1, g) - grid).std() / grid.std()
     assert 0.08 < float(rel) < 0.12  # image grids: noise relative to the grid's own scale
+
+
+def test_analogies_compose_trained_kinds_only():
+    """LatentSet.analogy: for a result kind (g, c) it picks kinds (g, c'), (g', c'), (g', c) of the dataset only,
+    with g' != g and c' != c; the condition is the unit sum e_A - e_B + e_C and the target z_A - z_B + z_C, so in
+    an exactly additive world the target is the result kind's own latent. Kinds absent from the dataset (held-out
+    pairs) are never drawn; a result with no usable analogy is flagged, and batch() then keeps its plain row."""
+    from engine.training.train_prior import LatentSet
+    from engine.training.world import COLORS, N_KINDS, allowed_kinds
+
+    n_c = len(COLORS)
+    g = torch.Generator().manual_seed(0)
+    shape_part, colour_part = torch.randn(N_KINDS // n_c, 32, generator=g), torch.randn(n_c, 32, generator=g)
+    shape_emb, colour_emb = torch.randn(N_KINDS // n_c, 16, generator=g), torch.randn(n_c, 16, generator=g)
+    kinds = torch.tensor(allowed_kinds("train"))
+    kind = kinds.repeat(2)
+    blob = {"latents": shape_part[kind // n_c] + colour_part[kind % n_c], "kind": kind,
+            "caption_emb": shape_emb[kinds // n_c] + colour_emb[kinds % n_c], "caption_kind": kinds}
+    ds = LatentSet(blob, "text", torch.device("cpu"))
+    result = kind[torch.randint(len(kind), (400,), generator=g)]
+    cond, x0, ok = ds.analogy(result, torch.Generator().manual_seed(1))
+    assert bool(ok.all())
+    # exact in an additive world; a held-out kind (absent here) drawn as a source would have no object and no
+    # caption of its own (row 0's would stand in) and break both equalities
+    assert torch.allclose(x0, blob["latents"][torch.searchsorted(kinds, result)], atol=1e-4)
+    raw = shape_emb[result // n_c] + colour_emb[result % n_c]
+    assert torch.allclose(cond, torch.nn.functional.normalize(raw, dim=-1), atol=1e-4)
+    assert float((ds.analogy(result, torch.Generator().manual_seed(4))[0] - cond).abs().max()) < 1e-4
+
+    # a dataset of one shape-aspect has no analogies: flagged, and the batch falls back to plain rows
+    one = kinds[kinds // n_c == 0]
+    lone = {"latents": shape_part[0] + colour_part[one % n_c], "kind": one,
+            "caption_emb": shape_emb[0] + colour_emb[one % n_c], "caption_kind": one}
+    ds1 = LatentSet(lone, "text", torch.device("cpu"))
+    assert not bool(ds1.analogy(one, torch.Generator().manual_seed(2))[2].any())
+    x0b, _ = ds1.batch(16, torch.Generator().manual_seed(3), analogy_frac=1.0)
+    assert any(torch.allclose(r, row) for r in x0b for row in lone["latents"])
