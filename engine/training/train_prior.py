@@ -299,7 +299,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         " CLIP vector, e.g. 0.05; image: relative to the grid's RMS)")
     p.add_argument("--analogy-frac", type=float, default=d.analogy_frac,
                    help="text: fraction of each batch replaced by analogies of trained kinds (condition e_A - e_B +"
-                        " e_C, target z_A - z_B + z_C, landing on a trained kind), to teach composition")
+                        " e_C, target z_A - z_B + z_C, landing on a trained kind), to teach composition (off: as a CPU"
+                        " fine-tune it cost held-out accuracy, README)")
     p.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
