@@ -235,6 +235,8 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
     if blob["latents"].shape[1] != pcfg.d_latent:
         raise EngineError(f"latents have {blob['latents'].shape[1]} values, the prior expects {pcfg.d_latent}",
                           "encode the dataset with the matching transmitter")
+    if tcfg.analogy_frac > 0 and tcfg.cond != "text":
+        raise EngineError("analogies are built from text conditions only", "drop --analogy-frac for --cond image")
     ds = LatentSet(blob, tcfg.cond, dev)
     init = torch.Generator().manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = LatentPrior(pcfg)  # initialised on the CPU (CPU generator), then moved

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -380,3 +381,14 @@ def test_export_from_weights_swaps_in_separately_trained_priors(tmp_path):
     for name in ("image_prior.safetensors", "text_prior.safetensors"):
         a, b = load_file(str(export / name)), load_file(str(tmp_path / "export2" / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_prior_trains_with_analogies_and_refuses_them_for_images(tmp_path):
+    """--analogy-frac runs end to end on text conditions (the tiny blob's kinds are too few for analogies, so
+    rows fall back to plain ones and training still proceeds) and is refused for image conditions."""
+    from engine.training import train_prior as tp
+
+    cfg = tp.PriorTrainConfig(steps=2, batch=8, warmup=1, log_every=1000, analogy_frac=0.5)
+    assert tp.train_prior(_blob(), str(tmp_path / "t"), cfg, device="cpu", prior_cfg=PRIOR)["steps"] == 2
+    with pytest.raises(EngineError, match="text conditions only"):
+        tp.train_prior(_blob(), str(tmp_path / "i"), replace(cfg, cond="image"), device="cpu", prior_cfg=PRIOR)
