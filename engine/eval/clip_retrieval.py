@@ -66,7 +66,7 @@ def text_prompt_probe(clip, *, phrasings: int = 11, steps: int = 1500, seed: int
     vector of the kind's phrasings), is the nearest of the 288 kinds' vectors the held-out kind itself? High
     values mean the text space is nearly additive in shape and colour.
     """
-    from ..training.world import COLORS, N_KINDS, allowed_kinds
+    from ..training.world import COLORS, N_KINDS, allowed_kinds, analogies
     from .run import text_prompts
 
     n_c = len(COLORS)
@@ -92,13 +92,10 @@ def text_prompt_probe(clip, *, phrasings: int = 11, steps: int = 1500, seed: int
         out[f"probe_{name}_acc"] = float(((10 * xh @ w + b).argmax(1) == yh).float().mean())
         out[f"probe_{name}_train_acc"] = float(((10 * x @ w + b).argmax(1) == y).float().mean())
     mean = torch.nn.functional.normalize(vec.mean(1), dim=-1)
-    have, hits = set(train), 0
+    have, hits = frozenset(train), 0
     for k in held:
-        gk, c = divmod(k, n_c)
-        sums = [mean[gk * n_c + c2] - mean[g2 * n_c + c2] + mean[g2 * n_c + c]
-                for g2 in range(N_KINDS // n_c) for c2 in range(n_c)
-                if g2 != gk and c2 != c and {gk * n_c + c2, g2 * n_c + c2, g2 * n_c + c} <= have]
-        hits += int((mean @ torch.stack(sums).mean(0)).argmax()) == k
+        a, b, c = torch.tensor(analogies(k, have)).T
+        hits += int((mean @ (mean[a] - mean[b] + mean[c]).mean(0)).argmax()) == k
     out["analogy_top1"] = hits / len(held)
     return out
 

@@ -30,7 +30,7 @@ from engine.diffusion.schedules import c_in, exp_alphas_cumprod, sigmas_from_alp
 from engine.mini_config import MINI_IMAGE_PRIOR, MINI_TEXT_PRIOR
 from engine.models.latent_transformer import LatentPrior
 from engine.records import EngineError
-from engine.training.world import COLORS, N_KINDS
+from engine.training.world import N_KINDS, analogies
 
 from . import loop
 
@@ -78,6 +78,7 @@ class LatentSet:
                 raise EngineError("some encoded kinds have no captions", "re-run encode_dataset")
             self.caption_table, self.caption_count = table.to(device), counts.to(device)
             self.object_table, self.object_count = _index_table(self.kind.cpu(), n_kinds)
+            self._analogies: tuple[torch.Tensor, torch.Tensor] | None = None  # built on first use (analogy)
         else:
             if blob.get("image_grids") is None:
                 raise EngineError("the encoded dataset has no image grids",
@@ -120,31 +121,32 @@ class LatentSet:
             cond = self.grids[idx, v].float()
         return x0, cond
 
-    def analogy(self, result: torch.Tensor, generator: torch.Generator, tries: int = 16
+    def analogy(self, result: torch.Tensor, generator: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Analogies that land on the kinds ``result``: for r = (shape-aspect g, colour c), three kinds of the
-        dataset A = (g, c'), B = (g', c'), C = (g', c) with g' != g and c' != c; condition = unit(e_A - e_B + e_C)
-        of random captions, target = z_A - z_B + z_C of random encoded objects. Returns (cond, x0, ok); ok is
-        False where none of ``tries`` draws had all three kinds in the dataset (those rows are unusable).
+        """Analogies that land on the kinds ``result``: for r = (shape-aspect g, colour c), one of the triples of
+        dataset kinds A = (g, c'), B = (g', c'), C = (g', c) (``world.analogies``), drawn uniformly; condition =
+        unit(e_A - e_B + e_C) of random captions, target = z_A - z_B + z_C of random encoded objects. Returns
+        (cond, x0, ok); ok is False where the dataset has no triple for r (those rows are unusable).
 
         A (shape, colour) pair's CLIP text vector is close to such sums (the mini CLIP's text space is nearly
         additive) and the transmitter's latents add up the same way, so these rows ask the prior to map sums of
         conditions to sums of latents: composition, taught on trained kinds only. Every kind involved, the
         result included, is one the dataset has, so no held-out pair is ever formed."""
-        n_c = len(COLORS)
-        n_g = N_KINDS // n_c
+        if self._analogies is None:  # (n_kinds, max triples, 3) kind indices, padded with 0; counts (n_kinds,)
+            have = frozenset(self.kind.unique().tolist())
+            rows = [analogies(k, have) if k in have else [] for k in range(len(self.object_count))]
+            table = torch.zeros(len(rows), max(1, max(map(len, rows))), 3, dtype=torch.long)
+            for k, r in enumerate(rows):
+                if r:
+                    table[k, :len(r)] = torch.tensor(r)
+            self._analogies = table, torch.tensor([len(r) for r in rows])
+        table, count = self._analogies
         r = result.cpu()
-        g, c = r // n_c, r % n_c
-        g2 = torch.randint(n_g, (len(r), tries), generator=generator)
-        c2 = torch.randint(n_c, (len(r), tries), generator=generator)
-        ka, kb, kc = g[:, None] * n_c + c2, g2 * n_c + c2, g2 * n_c + c[:, None]
-        have = self.object_count > 0
-        ok = have[ka] & have[kb] & have[kc] & (g2 != g[:, None]) & (c2 != c[:, None])
-        first = ok.float().argmax(1, keepdim=True)  # the first usable draw of each row
-        ka, kb, kc = (t.gather(1, first)[:, 0].to(result.device) for t in (ka, kb, kc))
+        j = (torch.rand(len(r), generator=generator) * count[r]).long().clamp(max=table.shape[1] - 1)
+        ka, kb, kc = table[r, j].to(result.device).unbind(-1)
         cond = self._caption(ka, generator) - self._caption(kb, generator) + self._caption(kc, generator)
         x0 = self._instance(ka, generator) - self._instance(kb, generator) + self._instance(kc, generator)
-        return torch.nn.functional.normalize(cond, dim=-1), x0, ok.any(1).to(result.device)
+        return torch.nn.functional.normalize(cond, dim=-1), x0, (count[r] > 0).to(result.device)
 
 
 def _index_table(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,6 +129,20 @@ def _allowed_kinds(split: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def analogies(kind: int, have: set[int] | frozenset[int]) -> list[tuple[int, int, int]]:
+    """Every (A, B, C) of kinds in ``have`` that composes ``kind`` = (g, c) as A - B + C: A = (g, c'),
+    B = (g', c'), C = (g', c) with g' != g (another shape-aspect) and c' != c (another colour)."""
+    n_c = len(COLORS)
+    g, c = divmod(kind, n_c)
+    out = []
+    for g2 in range(N_KINDS // n_c):
+        for c2 in range(n_c):
+            abc = (g * n_c + c2, g2 * n_c + c2, g2 * n_c + c)
+            if g2 != g and c2 != c and all(k in have for k in abc):
+                out.append(abc)
+    return out
+
+
 def sample_spec(generator: torch.Generator, *, split: str = "train", jitter: float = 0.05,
                 yaw: float | None = None) -> ObjectSpec:
     """Draw one object uniformly over the kinds of ``split``; random yaw for yawed shapes, value jitter +-jitter."""

@@ -130,3 +130,17 @@ def test_captions():
         else:
             assert not any(w in c.split() for ws in C.ASPECT_SYNONYMS.values() for w in ws)
         assert " a o" not in f" {c}" and " a e" not in f" {c}"
+
+
+def test_analogies_compose_the_kind_from_the_given_kinds_only():
+    n_c = len(W.COLORS)
+    train = frozenset(W.allowed_kinds("train"))
+    for k in W.allowed_kinds("heldout")[:5]:
+        triples = W.analogies(k, train)
+        assert len(triples) > 100
+        g, c = divmod(k, n_c)
+        for a, b, cc in triples:
+            assert {a, b, cc} <= train and k not in (a, b, cc)
+            assert a // n_c == g and b % n_c == a % n_c and cc // n_c == b // n_c and cc % n_c == c
+            assert b // n_c != g and a % n_c != c
+    assert W.analogies(0, frozenset({0, 1, 12, 13})) == [(1, 13, 12)]  # (g0,c1) - (g1,c1) + (g1,c0)
