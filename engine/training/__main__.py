@@ -4,7 +4,8 @@
 that made the shipped weights (one such call, then the CPU fine-tunes; ``recipe``).
 
     python -m engine.training shipped --out runs/shipped --device auto                 # the shipped weights' chain
-    python -m engine.training reproduce --out runs/mini --device auto --preset gpu   # one H100: ~20 min in all
+    python -m engine.training reproduce --out runs/mini --device auto --preset gpu   # one H100: ~13 min in all
+    python -m engine.training reproduce --out runs/mini --device cuda --preset gpu --time-budget 480  # 8 min
     python -m engine.training reproduce --out runs/mini --device cpu --preset cpu    # 2-core CPU: see PRESETS
     python -m engine.training export --out runs/mini                                 # only re-export
     python -m engine.training reproduce --out runs/priors --preset gpu-priors --from-weights engine/weights/mini
@@ -24,6 +25,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,9 +34,9 @@ DEFAULT_EXPORT = Path(__file__).resolve().parents[1] / "weights" / "mini"
 
 # Step counts / batch sizes of the shipped weights ("gpu") and a CPU fallback. Batches are per process.
 PRESETS: dict[str, dict] = {
-    "gpu": {  # one H100, measured per step: CLIP 0.7 s (b256, render-bound), transmitter 0.105 s (b64),
-        # prior 0.017 s (b256); bank 4096 objects 17 s, encoding 5904 objects 23 s -> about 17 min in all
-        "clip": {"steps": 450, "batch": 256},
+    "gpu": {  # one H100, from the costs below: CLIP 3.5 min, transmitter 5.3 min, encoding 20 s, priors 2 min
+        # each -> about 13 min in all; with --time-budget every stage is cut to fit
+        "clip": {"steps": 3000, "batch": 256, "bank": 8192},
         "transmitter": {"steps": 3000, "batch": 64, "bank": 4096, "eval_every": 1000},
         "encode": {"per_kind": 24, "cond_views": 4},
         "text_prior": {"steps": 8000, "batch": 256},
@@ -97,6 +99,33 @@ PRESETS: dict[str, dict] = {
 }
 
 
+STAGES = ("clip", "transmitter", "encode", "text_prior", "image_prior")
+EXPORT_RESERVE_S = 20.0  # what --time-budget keeps for the export after the last stage
+
+
+def estimated_seconds(stage: str, cfg: dict) -> float:
+    """A stage's time on one H100 from the costs the shipped weights' GPU run measured (mini.json, ``gpu-short``):
+    CLIP 0.07 s per step at batch 256 plus 4 ms per banked render, transmitter 0.1 s per step at batch 64 plus
+    3.5 ms per banked object, encoding 3.3 ms per object, a prior 15 ms per step at batch 256. ``--time-budget``
+    shares the time by these (only their ratios matter: every trainer times its own steps)."""
+    if stage == "clip":
+        return cfg["steps"] * 0.07 * cfg["batch"] / 256 + cfg.get("bank", 0) * 0.004
+    if stage == "transmitter":
+        return cfg["steps"] * 0.1 * cfg["batch"] / 64 + cfg.get("bank", 2048) * 0.0035
+    if stage == "encode":
+        from .world import allowed_kinds
+
+        return 0.0033 * cfg["per_kind"] * len(allowed_kinds("train"))
+    return cfg["steps"] * 0.015 * cfg["batch"] / 256
+
+
+def stage_seconds(preset: dict, stage: str, pending: list[str], seconds_left: float) -> float:
+    """``stage``'s share of ``seconds_left`` (minus the export's reserve) by the estimates of the stages still to
+    run, ``stage`` first among ``pending``."""
+    est = {s: estimated_seconds(s, preset[s]) for s in pending}
+    return max(1.0, (seconds_left - EXPORT_RESERVE_S) * est[stage] / sum(est.values()))
+
+
 def _stage(name: str, done: Path, fn, record: dict) -> None:
     if done.exists():
         print(f"[reproduce] {name}: already done ({done})", flush=True)
@@ -153,7 +182,7 @@ def seed_from_weights(weights: str | Path, root: Path, *, missing_priors: bool =
 
 
 def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to: str | None = None,
-              seed: int = 0, from_weights: str | None = None) -> dict:
+              seed: int = 0, from_weights: str | None = None, time_budget: float = 0.0) -> dict:
     from . import train_clip
     from .encode_dataset import ClipEmbedder, clip_conditioner, encode_dataset, load_transmitter
     from .export import export_mini
@@ -171,7 +200,7 @@ def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to:
     if dev.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(dev)
     record["host"] = platform.node()
-    t_all = time.time()
+    t_all, deadline = time.time(), time.monotonic() + time_budget
     if from_weights:
         previous = seed_from_weights(from_weights, root)
         record["from_weights"] = str(from_weights)
@@ -186,15 +215,26 @@ def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to:
 
     if not from_weights and not {"clip", "transmitter"} <= set(p):
         raise SystemExit(f"preset {preset!r} trains only the priors: pass --from-weights")
+    if time_budget:
+        record["time_budget_s"] = time_budget
+
+    def budget(stage: str) -> float:  # the stage's seconds under --time-budget (0: none)
+        if not time_budget:
+            return 0.0
+        pending = [s for s in STAGES[STAGES.index(stage):] if s in p and not (root / s / "done").exists()]
+        return stage_seconds(p, stage, pending, deadline - time.monotonic())
+
     c = p.get("clip", {})
     _stage("clip", root / "clip" / "done", lambda: _mark(root / "clip", train_clip.main(
         ["--out", str(root / "clip"), "--steps", str(c["steps"]), "--batch", str(c["batch"]), "--device", device,
-         "--seed", str(seed), "--bank", str(c.get("bank", 0)),
-         "--partial-captions", str(c.get("partial_captions", 0.0))] + (["--resume"] if (root / "clip" / "checkpoint.pt").exists() else []))), record)
+         "--seed", str(seed), "--bank", str(c.get("bank", 0)), "--max-seconds", str(budget("clip")),
+         "--partial-captions", str(c.get("partial_captions", 0.0))]
+        + (["--resume"] if (root / "clip" / "checkpoint.pt").exists() else []))), record)
     save_record()
     tcfg = TransmitterTrainConfig(seed=seed, **p.get("transmitter", {}))
     _stage("transmitter", root / "transmitter" / "done", lambda: _mark(root / "transmitter", train_transmitter(
-        str(root / "transmitter"), tcfg, device=device, resume=True)), record)
+        str(root / "transmitter"), replace(tcfg, max_seconds=budget("transmitter")), device=device, resume=True)),
+        record)
     save_record()
     e = p["encode"]
 
@@ -212,8 +252,9 @@ def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to:
             else ""
         pc = PriorTrainConfig(cond=mode, seed=seed, init=init, **p[f"{mode}_prior"])
         folder = root / f"{mode}_prior"
-        _stage(f"{mode}_prior", folder / "done", lambda pc=pc, folder=folder: _mark(folder, train_prior(
-            str(root / "latents.pt"), str(folder), pc, device=device, resume=True)), record)
+        _stage(f"{mode}_prior", folder / "done", lambda pc=pc, folder=folder, mode=mode: _mark(folder, train_prior(
+            str(root / "latents.pt"), str(folder), replace(pc, max_seconds=budget(f"{mode}_prior")), device=device,
+            resume=True)), record)
         save_record()
     record["total_seconds_this_invocation"] = round(time.time() - t_all, 1)
     record["torch"] = torch.__version__
@@ -247,6 +288,9 @@ def main(argv=None) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--from-weights", default=None,
                    help="exported mini folder whose CLIP + transmitter are kept (only encode + priors are trained)")
+    r.add_argument("--time-budget", type=float, default=0.0,
+                   help="finish within this many seconds (e.g. one GPU session's call): each training stage gets "
+                        "its share of the time left by its estimated cost and cuts its steps to fit (0: off)")
     x = sub.add_parser("export", help="export a finished run")
     x.add_argument("--out", default="runs/mini")
     x.add_argument("--export-to", default=None)
@@ -257,7 +301,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.cmd == "reproduce":
         reproduce(a.out, device=a.device, preset=a.preset, export_to=a.export_to, seed=a.seed,
-                  from_weights=a.from_weights)
+                  from_weights=a.from_weights, time_budget=a.time_budget)
     else:
         from .export import export_mini
 

@@ -128,15 +128,66 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float = 0.1
                   ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the base lr over ``warmup`` steps, then cosine down to ``min_ratio`` x base at ``total``."""
+    """Linear warmup to the base lr over ``warmup`` steps, then cosine down to ``min_ratio`` x base at ``total``.
+
+    The end is the lr function's attribute ``total``, so that a time budget (``StepBudget``) can move it and a
+    shortened run still anneals to its floor. (A plain function, so LambdaLR does not save it: a resumed run
+    plans its steps anew, from its own arguments.)"""
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
-        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        prog = min(1.0, (step - warmup) / max(1, f.total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
+    f.total = total
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+class StepBudget:
+    """Fits a stage's step count into a wall-clock budget (``seconds``; 0: no budget, ``total`` stays ``steps``).
+
+    After ``skip`` warm-up steps (CUDA kernels load, caches fill) it times the steps and, every ``check_every``
+    steps, sets ``total`` to as many steps as the time left allows (never more than planned, never fewer than
+    are done), and moves the cosine schedule's end there: a shortened run still anneals to its floor rather than
+    stopping at a high learning rate. The time counts from ``t_start`` (default: now), so what a trainer does
+    before its loop (building a bank) is inside the budget. Under DDP the slowest rank's pace decides, so that
+    every rank stops at the same step."""
+
+    clock = staticmethod(time.monotonic)
+    skip, check_every = 5, 25
+
+    def __init__(self, steps: int, seconds: float = 0.0, *, start: int = 0, sched=None, info: DistInfo | None = None,
+                 t_start: float | None = None):
+        self.planned = self.total = steps
+        self.seconds, self.start, self.sched, self.info = seconds, start, sched, info
+        self.t_start = self.clock() if t_start is None else t_start
+        self.t_skip: float | None = None
+
+    def update(self, done: int) -> int:
+        """Call after each step with the number of steps done; returns ``total``."""
+        n = done - self.start
+        if self.seconds <= 0 or n < self.skip:
+            return self.total
+        now = self.clock()
+        if n == self.skip:
+            self.t_skip = now
+        elif (n - self.skip) % self.check_every == 0:
+            pace = torch.tensor([(now - self.t_skip) / (n - self.skip)])
+            left = torch.tensor([self.seconds - (now - self.t_start)])
+            if self.info is not None and self.info.distributed:
+                pace, left = pace.to(self.info.device), left.to(self.info.device)
+                dist.all_reduce(pace, op=dist.ReduceOp.MAX)
+                dist.all_reduce(left, op=dist.ReduceOp.MIN)
+            fit = done + max(0, int(float(left) / max(float(pace), 1e-9)))
+            self.total = max(done, min(self.planned, fit))
+            if self.sched is not None and hasattr(self.sched.lr_lambdas[0], "total"):
+                self.sched.lr_lambdas[0].total = self.total
+        return self.total
+
+    def record(self) -> dict:
+        """What a stage's summary says of it."""
+        return {"planned_steps": self.planned, "time_budget_s": self.seconds} if self.seconds > 0 else {}
 
 
 class EMA:
@@ -301,7 +352,8 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.
 @dataclass
 class Stage:
     """What a trainer's loop holds: the DDP-wrapped model, AdamW, its warmup-cosine schedule, the EMA, the
-    checkpoint, the grad scaler, the metric log, the progress bar and the step it starts (or resumes) at."""
+    checkpoint, the grad scaler, the metric log, the progress bar, the step it starts (or resumes) at and its time
+    budget (whose ``total`` is the step the loop ends at)."""
 
     ddp: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -312,6 +364,7 @@ class Stage:
     log: MetricLogger
     bar: object
     start: int
+    budget: StepBudget
 
     def step(self, loss: torch.Tensor, model: torch.nn.Module, grad_clip: float) -> None:
         optimizer_step(loss, model, self.opt, self.scaler, self.sched, grad_clip, self.ema)
@@ -322,9 +375,10 @@ class Stage:
 
 def start_stage(model: torch.nn.Module, out_dir: str, info: DistInfo, *, steps: int, lr: float,
                 weight_decay: float, warmup: int, ema_decay: float, amp: str, log_every: int,
-                resume: bool = False) -> Stage:
+                resume: bool = False, max_seconds: float = 0.0, t_start: float | None = None) -> Stage:
     """Build a ``Stage`` for ``model`` (already on its device); with ``resume``, continue from ``out_dir``'s
-    checkpoint when there is one. The bar shows on rank 0 for runs of more than 50 steps."""
+    checkpoint when there is one. The bar shows on rank 0 for runs of more than 50 steps. ``max_seconds`` > 0
+    fits the step count into that many seconds from ``t_start`` (``StepBudget``)."""
     opt = build_optimizer(model, lr, weight_decay)
     sched = warmup_cosine(opt, warmup, steps)
     ema = EMA(model, ema_decay)
@@ -335,4 +389,5 @@ def start_stage(model: torch.nn.Module, out_dir: str, info: DistInfo, *, steps: 
     return Stage(ddp=wrap_ddp(model, info), opt=opt, sched=sched, ema=ema, ckpt=ckpt,
                  scaler=make_grad_scaler(info.device, amp),
                  log=MetricLogger(os.path.join(out_dir, "metrics.jsonl"), log_every, enabled=info.is_main),
-                 bar=progress(steps, start, info.is_main and steps - start > 50), start=start)
+                 bar=progress(steps, start, info.is_main and steps - start > 50), start=start,
+                 budget=StepBudget(steps, max_seconds, start=start, sched=sched, info=info, t_start=t_start))

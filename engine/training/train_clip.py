@@ -232,6 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="fit the run (its bank included) into this many seconds: after a few timed steps the step "
+                        "count and the end of the cosine schedule are cut to what the time left allows (0: off)")
     p.add_argument("--init", default="", help="clip.safetensors to fine-tune from (e.g. the embedded model's)")
     p.add_argument("--partial-captions", type=float, default=0.0,
                    help="fraction of captions that name only the shape or only the colour (positives: every image "
@@ -246,6 +249,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    t_budget = loop.StepBudget.clock()
     info = loop.setup_distributed(args.device)
     loop.set_cpu_threads(args.threads, info)
     cfg = MINI_CLIP_CONFIG
@@ -271,7 +275,10 @@ def main(argv=None) -> dict:
     if args.bank:
         bank = RenderBank(args.bank, loop.step_generator(args.seed, info.rank, -1), cfg.image_size, info.device, ss)
     bar = loop.progress(args.steps, start, info.is_main)
+    budget = loop.StepBudget(args.steps, args.max_seconds, start=start, sched=sched, info=info, t_start=t_budget)
     for step in range(start, args.steps):
+        if step >= budget.total:
+            break
         g = loop.step_generator(args.seed, info.rank, step)
         if bank is not None:
             images, specs, caps, kinds = bank.draw(args.batch, g)
@@ -289,26 +296,27 @@ def main(argv=None) -> dict:
         parts_all = gather_features(parts.to(info.device), info) if args.partial_captions > 0 else None
         loss = multi_positive_infonce(img_all, txt_all, kinds_all, scale.float(), parts_all)
         loop.optimizer_step(loss, model, opt, scaler, sched, grad_clip=1.0)
+        end = budget.update(step + 1)
         with torch.no_grad():
             loop.unwrap(ddp).logit_scale.clamp_(0, math.log(100))
         log.add(loss=loss.item(), temperature=1.0 / scale.item())
-        log.maybe_log(step + 1, force=step + 1 == args.steps, lr=sched.get_last_lr()[0])
+        log.maybe_log(step + 1, force=step + 1 == end, lr=sched.get_last_lr()[0])
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if info.is_main and ((step + 1) % args.ckpt_every == 0 or step + 1 == args.steps):
+        if info.is_main and ((step + 1) % args.ckpt_every == 0 or step + 1 == end):
             ckpt.save(step + 1, model, opt, sched)
             save_clip(model, cfg, args.out)
         if (info.is_main and not args.no_eval and args.eval_every and (step + 1) % args.eval_every == 0
-                and step + 1 != args.steps):
+                and step + 1 != end):
             log.write({"step": step + 1, **evaluate(loop.unwrap(ddp), info.device, size=cfg.image_size,
                                                        supersample=ss)})
     bar.close()
-    result: dict = {"steps": args.steps}
+    result: dict = {"steps": budget.total, **budget.record()}
     if info.is_main:
         save_clip(model, cfg, args.out)
         if not args.no_eval:
             result.update(evaluate(loop.unwrap(ddp), info.device, size=cfg.image_size, supersample=ss))
-            log.write({"step": args.steps, **result})
+            log.write({"step": budget.total, **result})
     loop.cleanup_distributed()
     return result
 

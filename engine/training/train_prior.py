@@ -56,6 +56,7 @@ class PriorTrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     snapshot_every: int = 0  # >0: also keep the EMA weights every N steps in snapshots/step_NNNNNN/ (to score each)
+    max_seconds: float = 0.0  # >0: fit the step count into this wall-clock budget (loop.StepBudget)
     init: str = ""  # a prior.safetensors to start from (fine-tuning) instead of the random init
 
 
@@ -230,6 +231,7 @@ def snapshot_dir(out_dir: str, step: int) -> str:
 def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, device: str = "auto",
                 resume: bool = False, prior_cfg: PriorConfig | None = None) -> dict:
     """Train and write ``out_dir``/prior.safetensors; returns a summary (losses, steps, seconds, device)."""
+    t_start = loop.StepBudget.clock()
     info = loop.setup_distributed(device)
     dev = info.device
     pcfg = replace(prior_config_for(tcfg.cond, prior_cfg), cond_drop_prob=tcfg.cond_drop_prob)
@@ -250,11 +252,13 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
     model.to(dev)
     st = loop.start_stage(model, out_dir, info, steps=tcfg.steps, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                           warmup=tcfg.warmup, ema_decay=tcfg.ema_decay, amp=tcfg.amp, log_every=tcfg.log_every,
-                          resume=resume)
+                          resume=resume, max_seconds=tcfg.max_seconds, t_start=t_start)
     sigma_table = sigmas_from_alphas_cumprod(exp_alphas_cumprod(DIFFUSION_STEPS)).float()  # (T,)
     losses: list[float] = []
     t0 = time.time()
     for step in range(st.start, tcfg.steps):
+        if step >= st.budget.total:
+            break
         g = loop.step_generator(tcfg.seed, info.rank, step)
         x0, cond = ds.batch(tcfg.batch, g, tcfg.analogy_frac)
         cond = perturb_condition(cond, tcfg.cond_noise, g)
@@ -262,19 +266,20 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
         loss = diffusion_loss(st.ddp, x0, cond, g, sigma_table=sigma_table, min_snr_gamma=tcfg.min_snr_gamma,
                               amp=tcfg.amp)
         st.step(loss, model, tcfg.grad_clip)
+        end = st.budget.update(step + 1)
         lv = float(loop.all_reduce_mean(loss.detach(), info))
         losses.append(lv)
         st.log.add(loss=lv)
-        st.log.maybe_log(step + 1, force=step + 1 == tcfg.steps, lr=st.sched.get_last_lr()[0])
+        st.log.maybe_log(step + 1, force=step + 1 == end, lr=st.sched.get_last_lr()[0])
         st.bar.update(1)
-        if info.is_main and ((step + 1) % tcfg.ckpt_every == 0 or step + 1 == tcfg.steps):
+        if info.is_main and ((step + 1) % tcfg.ckpt_every == 0 or step + 1 == end):
             st.save(step + 1, model)
         if info.is_main and tcfg.snapshot_every > 0 and (step + 1) % tcfg.snapshot_every == 0:
             save_prior(dict(st.ema.shadow), pcfg, snapshot_dir(out_dir, step + 1), {"step": step + 1})
     st.bar.close()
     seconds = time.time() - t0
-    summary = {"cond": tcfg.cond, "steps": tcfg.steps, "start_step": st.start, "batch_per_rank": tcfg.batch,
-               "world_size": info.world_size, "seconds": round(seconds, 1), "device": str(dev),
+    summary = {"cond": tcfg.cond, "steps": st.budget.total, **st.budget.record(), "start_step": st.start,
+               "batch_per_rank": tcfg.batch, "world_size": info.world_size, "seconds": round(seconds, 1), "device": str(dev),
                "first_loss": losses[0] if losses else None,
                "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
                "n_latents": len(ds), "config": asdict(tcfg), "diffusion_steps": DIFFUSION_STEPS}
@@ -313,6 +318,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
                    help="also keep the EMA weights every N steps in OUT/snapshots/step_NNNNNN/ (0: off), to score"
                         " each and keep the best rather than the last")
+    p.add_argument("--max-seconds", type=float, default=d.max_seconds,
+                   help="fit the run into this many seconds: after a few timed steps the step count (and the end of"
+                        " the cosine schedule) is cut to what the time left allows (0: run every step)")
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", default="", help="prior.safetensors to fine-tune from")
@@ -325,7 +333,7 @@ def main(argv=None) -> dict:
                             ema_decay=a.ema_decay, cond_noise=a.cond_noise, analogy_frac=a.analogy_frac,
                             min_snr_gamma=a.min_snr_gamma, seed=a.seed, amp=a.amp,
                             log_every=a.log_every, ckpt_every=a.ckpt_every, snapshot_every=a.snapshot_every,
-                            init=a.init)
+                            init=a.init, max_seconds=a.max_seconds)
     return train_prior(a.data, a.out, tcfg, device=a.device, resume=a.resume)
 
 

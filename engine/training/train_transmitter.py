@@ -64,6 +64,7 @@ class TransmitterTrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     bank_chunk: int = 256
+    max_seconds: float = 0.0  # >0: fit the step count into this wall-clock budget, bank included (loop.StepBudget)
 
 
 def device_generator(g: torch.Generator, device: torch.device) -> torch.Generator:
@@ -173,7 +174,7 @@ def train_transmitter(out_dir: str, tcfg: TransmitterTrainConfig, *, device: str
     """Train and write ``out_dir``/transmitter.safetensors (EMA weights); returns a summary dict."""
     info = loop.setup_distributed(device)
     dev = info.device
-    t_start = time.time()
+    t_start, t_budget = time.time(), loop.StepBudget.clock()
     # Each rank holds its own bank (different objects); validation banks are the same everywhere.
     bank = make_bank(tcfg.bank, "train", tcfg.seed * 1000 + info.rank, encoder_cfg, tcfg, dev)
     val_train = make_bank(tcfg.eval_objects, "train", 777_777, encoder_cfg, tcfg, dev)
@@ -183,30 +184,33 @@ def train_transmitter(out_dir: str, tcfg: TransmitterTrainConfig, *, device: str
     model = Transmitter(encoder_cfg, decoder_cfg, device=dev)
     st = loop.start_stage(model, out_dir, info, steps=tcfg.steps, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                           warmup=tcfg.warmup, ema_decay=tcfg.ema_decay, amp=tcfg.amp, log_every=tcfg.log_every,
-                          resume=resume)
+                          resume=resume, max_seconds=tcfg.max_seconds, t_start=t_budget)
     history: list[dict] = []
     first = None
     t0 = time.time()
     for step in range(st.start, tcfg.steps):
+        if step >= st.budget.total:
+            break
         g = loop.step_generator(tcfg.seed, info.rank, step)
         idx = torch.randint(len(bank), (tcfg.batch,), generator=g).to(dev)
         m = field_losses(model if not info.distributed else _DDPView(st.ddp, model), bank, idx, tcfg,
                          device_generator(g, dev))
         st.step(m["loss"], model, tcfg.grad_clip)
+        end = st.budget.update(step + 1)
         vals = {k: float(loop.all_reduce_mean(v.detach(), info)) for k, v in m.items()}
         first = first or vals
         st.log.add(**vals)
-        rec = st.log.maybe_log(step + 1, force=step + 1 == tcfg.steps, lr=st.sched.get_last_lr()[0])
+        rec = st.log.maybe_log(step + 1, force=step + 1 == end, lr=st.sched.get_last_lr()[0])
         if rec:
             history.append(rec)
         st.bar.update(1)
-        if info.is_main and ((step + 1) % tcfg.ckpt_every == 0 or step + 1 == tcfg.steps):
+        if info.is_main and ((step + 1) % tcfg.ckpt_every == 0 or step + 1 == end):
             st.save(step + 1, model)
-        if info.is_main and tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < tcfg.steps:
+        if info.is_main and tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < end:
             st.log.write({"step": step + 1, **_eval_both(model, val_train, val_held, tcfg)})
     st.bar.close()
     train_seconds = time.time() - t0
-    summary: dict = {"steps": tcfg.steps, "start_step": st.start, "world_size": info.world_size, "device": str(dev),
+    summary: dict = {"steps": st.budget.total, **st.budget.record(), "start_step": st.start, "world_size": info.world_size, "device": str(dev),
                      "bank_seconds": round(bank_seconds, 1), "train_seconds": round(train_seconds, 1),
                      "first": first, "last": history[-1] if history else None, "config": asdict(tcfg)}
     if info.is_main:
@@ -214,7 +218,7 @@ def train_transmitter(out_dir: str, tcfg: TransmitterTrainConfig, *, device: str
         ema_model.load_state_dict(model.state_dict())
         st.ema.copy_to(ema_model)
         summary["eval_ema"] = _eval_both(ema_model, val_train, val_held, tcfg)
-        st.log.write({"step": tcfg.steps, "ema": True, **summary["eval_ema"]})
+        st.log.write({"step": st.budget.total, "ema": True, **summary["eval_ema"]})
         save_transmitter(ema_model.state_dict(), encoder_cfg, decoder_cfg, out_dir, summary)
         with open(os.path.join(out_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2, default=str)
@@ -249,7 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "n_uniform", "warmup", "eval_objects", "eval_every", "log_every", "ckpt_every", "seed",
                  "bank_chunk"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "weight_decay", "sdf_scale", "color_weight", "color_band", "ema_decay"):
+    for name in ("lr", "weight_decay", "sdf_scale", "color_weight", "color_band", "ema_decay", "max_seconds"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--device", default="auto")

@@ -215,6 +215,18 @@ def test_train_transmitter_writes_official_keys_and_heldout_metrics(tmp_path):
     assert any(k.startswith("encoder.params_proj.") for k in sd) and any(k.startswith("renderer.") for k in sd)
     assert {"heldout_iou", "heldout_sign_acc", "val_iou"} <= set(summary["eval_ema"])
     assert json.loads((tmp_path / "transmitter_config.json").read_text())["encoder"]["width"] == ENC.width
+    # a time budget (fake clock: 1 s per read, timed every 2 steps) cuts a 40-step run to what 8 s allow
+    from engine.training import loop
+
+    with pytest.MonkeyPatch.context() as mp:
+        clock = iter(range(1, 10_000))
+        mp.setattr(loop.StepBudget, "clock", staticmethod(lambda: float(next(clock))))
+        mp.setattr(loop.StepBudget, "skip", 1)
+        mp.setattr(loop.StepBudget, "check_every", 2)
+        short = train_transmitter(str(tmp_path / "short"), replace(tcfg, steps=40, max_seconds=8.0), device="cpu",
+                                  encoder_cfg=ENC, decoder_cfg=DEC)
+    assert short["planned_steps"] == 40 and 3 <= short["steps"] <= 8
+    assert (tmp_path / "short" / "transmitter.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -314,9 +326,10 @@ def test_reproduce_priors_only_from_shipped_weights(tmp_path):
         reproduce(str(tmp_path / "refused"), device="cpu", preset="gpu-priors")
     export = tmp_path / "export"
     record = reproduce(str(tmp_path / "run"), device="cpu", preset="smoke", export_to=str(export),
-                       from_weights=str(MINI_DIR))
+                       from_weights=str(MINI_DIR), time_budget=900.0)
     assert record["from_weights"] == str(MINI_DIR) and "decoder_finetune" in record
-    assert record["text_prior"]["result"]["steps"] == 2
+    assert record["text_prior"]["result"]["steps"] == 2 and record["time_budget_s"] == 900.0
+    assert 0 < record["text_prior"]["result"]["time_budget_s"] < record["image_prior"]["result"]["time_budget_s"]
     for name in ("clip.safetensors", "transmitter.safetensors", "text_prior.safetensors"):
         old, new = load_file(str(MINI_DIR / name)), load_file(str(export / name))
         same = all(torch.equal(old[k], new[k]) for k in old)

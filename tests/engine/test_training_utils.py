@@ -194,6 +194,15 @@ def test_clip_layout_and_resume(tmp_path):
     main(["--out", out_c, "--steps", "2", "--batch", "4", "--no-eval", "--device", "cpu", "--warmup", "1"])
     sb, sc = load_file(os.path.join(out_b, "clip.safetensors")), load_file(os.path.join(out_c, "clip.safetensors"))
     assert all(torch.equal(sb[k], sc[k]) for k in sc)
+    # a time budget cuts the steps and ends the schedule there (fake clock: 1 s per read, timed every 2 steps)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop.StepBudget, "clock", staticmethod(_Clock()))
+        mp.setattr(loop.StepBudget, "skip", 1)
+        mp.setattr(loop.StepBudget, "check_every", 2)
+        res = main(["--out", str(tmp_path / "d"), "--steps", "40", "--batch", "4", "--no-eval", "--device", "cpu",
+                    "--warmup", "1", "--max-seconds", "8", "--log-every", "1000"])
+    assert res["planned_steps"] == 40 and 3 <= res["steps"] <= 8
+    assert torch.load(str(tmp_path / "d" / "checkpoint.pt"), weights_only=False)["step"] == res["steps"]
 
 
 def test_torchrun_two_process_gloo(tmp_path):
@@ -260,3 +269,65 @@ def test_analogies_compose_trained_kinds_only():
     assert not bool(ds1.analogy(one, torch.Generator().manual_seed(2))[2].any())
     x0b, _ = ds1.batch(16, torch.Generator().manual_seed(3), analogy_frac=1.0)
     assert any(torch.allclose(r, row) for r in x0b for row in lone["latents"])
+
+
+class _Clock:
+    """A fake monotonic clock: ``tick`` seconds pass at every read."""
+
+    def __init__(self, tick: float = 1.0):
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.t += self.tick
+        return self.t
+
+
+def test_step_budget_fits_the_steps_and_ends_the_cosine_there(monkeypatch):
+    clock = _Clock()  # one read per step after the first 5: each step "takes" 1 s
+    monkeypatch.setattr(loop.StepBudget, "clock", staticmethod(clock))
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = loop.warmup_cosine(opt, warmup=2, total=100, min_ratio=0.1)
+    budget = loop.StepBudget(100, 40.0, sched=sched)
+    done = 0
+    while done < budget.total:
+        opt.step()
+        sched.step()
+        done += 1
+        budget.update(done)
+    assert 30 <= done < 45 and budget.total == done  # 40 s at 1 s per step, far fewer than the 100 planned
+    assert sched.get_last_lr()[0] == pytest.approx(0.1)  # the schedule reached its floor at the shortened end
+    assert budget.record() == {"planned_steps": 100, "time_budget_s": 40.0}
+    # a budget that is large enough changes nothing; none at all neither
+    for seconds in (1e9, 0.0):
+        b = loop.StepBudget(60, seconds, sched=loop.warmup_cosine(opt, 2, 60))
+        assert all(b.update(n) == 60 for n in range(1, 61)) and b.sched.lr_lambdas[0].total == 60
+    assert loop.StepBudget(60).record() == {}
+
+
+def test_time_budget_shortens_a_prior_run(tmp_path, monkeypatch):
+    from tests.engine.test_training_stages import PRIOR, _blob
+
+    from engine.training import train_prior as tp
+
+    monkeypatch.setattr(loop.StepBudget, "clock", staticmethod(_Clock()))
+    cfg = tp.PriorTrainConfig(steps=200, batch=4, warmup=2, log_every=1000, ckpt_every=1000, max_seconds=45.0)
+    summary = tp.train_prior(_blob(), str(tmp_path / "p"), cfg, device="cpu", prior_cfg=PRIOR)
+    steps = summary["steps"]
+    assert 30 <= steps < 60 and summary["planned_steps"] == 200 and summary["time_budget_s"] == 45.0
+    state = torch.load(str(tmp_path / "p" / "checkpoint.pt"), weights_only=False)
+    assert state["step"] == steps and state["scheduler"]["_last_lr"][0] == pytest.approx(0.1 * cfg.lr)
+    assert (tmp_path / "p" / "prior.safetensors").exists()
+
+
+def test_reproduce_shares_the_time_budget_by_estimated_cost():
+    from engine.training.__main__ import PRESETS, estimated_seconds, stage_seconds
+
+    gpu = PRESETS["gpu"]
+    est = {s: estimated_seconds(s, gpu[s]) for s in ("clip", "transmitter", "encode", "text_prior", "image_prior")}
+    assert 600 < sum(est.values()) < 900  # about 13 min on one H100
+    shares = {s: stage_seconds(gpu, s, list(est), 520.0) for s in est}
+    assert sum(shares.values()) == pytest.approx(500.0)  # 20 s stay for the export
+    assert shares["transmitter"] > shares["clip"] > shares["text_prior"] == shares["image_prior"] > shares["encode"]
+    # the last stage gets all that is left
+    assert stage_seconds(gpu, "image_prior", ["image_prior"], 100.0) == pytest.approx(80.0)
