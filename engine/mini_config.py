@@ -36,7 +36,7 @@ MINI_IMAGE_PRIOR = PriorConfig(cond="image", clip_dim=MINI_CLIP.vision_width,
                                clip_grid_tokens=MINI_CLIP.grid_tokens, **_PRIOR)
 
 
-# Measured on held-out and trained kinds (README, evaluation): once the priors fit their data, guidance only pushes
+# Measured on held-out and trained kinds (docs/MINI-MODEL.md): once the priors fit their data, guidance only pushes
 # samples off it. Text at 1 (no guidance: no unconditional branch) beats 1.25, 1.5, 2 and 3; image at 1.25 beats
 # 1, 1.5 and 1.75 on held-out shape and R-precision (6 seeds, one view per prompt).
 MINI_GUIDANCE = {"text": 1.0, "image": 1.25}

@@ -52,8 +52,8 @@ PRESETS: dict[str, dict] = {
     },
     "gpu-priors": {  # with --from-weights: one H100 call of ~8 min (encode ~30 s, priors 0.017 s/step each)
         "encode": {"per_kind": 32, "cond_views": 4},
-        # condition noise: what lifted held-out accuracy in the CPU cycles (README, evaluation) at the milder level
-        # snapshots: more CPU training fitted the trained kinds better and the held-out ones worse (README), so
+        # condition noise: what lifted held-out accuracy in the CPU cycles (docs/MINI-MODEL.md) at the milder level
+        # snapshots: more CPU training fitted the trained kinds better and the held-out ones worse (docs), so
         # the run keeps one every 1,500 steps for the evaluation to choose from
         "text_prior": {"steps": 12000, "batch": 256, "ema_decay": 0.999, "warmup": 300, "cond_noise": 0.03,
                        "snapshot_every": 1500},

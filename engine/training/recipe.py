@@ -5,7 +5,7 @@
     python -m engine.training shipped --out /tmp/toy --scale smoke         # the same chain at toy sizes (a test)
 
 Step ``base`` is the GPU run (preset ``gpu-short``); the others are the fine-tunes that followed on a 2-core CPU,
-each kept because the held-out evaluation improved (README, evaluation). ``RECIPE`` lists them as data: the
+each kept because the held-out evaluation improved (docs/MINI-MODEL.md). ``RECIPE`` lists them as data: the
 numbers each step used and the ``mini.json`` training record it reproduces (a test checks the two agree).
 
 Each step runs its commands as child processes; the commands of one step that train different priors run side by

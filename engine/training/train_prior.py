@@ -279,7 +279,8 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
     st.bar.close()
     seconds = time.time() - t0
     summary = {"cond": tcfg.cond, "steps": st.budget.total, **st.budget.record(), "start_step": st.start,
-               "batch_per_rank": tcfg.batch, "world_size": info.world_size, "seconds": round(seconds, 1), "device": str(dev),
+               "batch_per_rank": tcfg.batch, "world_size": info.world_size, "seconds": round(seconds, 1),
+               "device": str(dev),
                "first_loss": losses[0] if losses else None,
                "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
                "n_latents": len(ds), "config": asdict(tcfg), "diffusion_steps": DIFFUSION_STEPS}
@@ -309,7 +310,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--analogy-frac", type=float, default=d.analogy_frac,
                    help="text: fraction of each batch replaced by analogies of trained kinds (condition e_A - e_B +"
                         " e_C, target z_A - z_B + z_C, landing on a trained kind), to teach composition (off: as a CPU"
-                        " fine-tune it cost held-out accuracy, README)")
+                        " fine-tune it cost held-out accuracy, docs/MINI-MODEL.md)")
     p.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])

@@ -210,7 +210,8 @@ def train_transmitter(out_dir: str, tcfg: TransmitterTrainConfig, *, device: str
             st.log.write({"step": step + 1, **_eval_both(model, val_train, val_held, tcfg)})
     st.bar.close()
     train_seconds = time.time() - t0
-    summary: dict = {"steps": st.budget.total, **st.budget.record(), "start_step": st.start, "world_size": info.world_size, "device": str(dev),
+    summary: dict = {"steps": st.budget.total, **st.budget.record(), "start_step": st.start,
+                     "world_size": info.world_size, "device": str(dev),
                      "bank_seconds": round(bank_seconds, 1), "train_seconds": round(train_seconds, 1),
                      "first": first, "last": history[-1] if history else None, "config": asdict(tcfg)}
     if info.is_main:
