@@ -121,7 +121,7 @@ class SHAP_E_OT_variations(_GeneratedObjectJob, bpy.types.Operator):
                                      image=image, image_name=name, like=meta)
         session.start_generate(req, scene=context.scene, location=obj.location.copy(),
                                spacing=settings.spacing, layout_mode="beside", sync=_sync(self),
-                               image_path=meta.get("image_path"))
+                               image_path=meta.get("image_path"), reference_latent=mesh_import.load_latent(obj))
 
 
 class SHAP_E_OT_redecode(_GeneratedObjectJob, bpy.types.Operator):

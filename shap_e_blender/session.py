@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import bpy
 
-from . import jobs, layout, mesh_import, preview
+from . import jobs, layout, mesh_import, preview, variety
 from .engine_shim import get_engine
 
 TICK_S = 0.1
@@ -78,10 +78,11 @@ def _start(task, *, label: str, kind: str, payload: dict, sync: bool) -> jobs.Jo
 
 
 def start_generate(request, *, scene, location, spacing: float, layout_mode: str = "grid",
-                   image_path: str | None = None, sync: bool = False) -> jobs.Job:
+                   image_path: str | None = None, reference_latent=None, sync: bool = False) -> jobs.Job:
+    """``reference_latent``: Variations' source object's latent, to tell the user when seeds repeat it."""
     gen = _generate_fn or get_engine().generate
     payload = dict(scene=scene.name, location=tuple(location), spacing=spacing, layout=layout_mode,
-                   request=request, image_path=image_path)
+                   request=request, image_path=image_path, reference_latent=reference_latent)
     label = request.prompt or request.image_name or "image"
 
     def task(ctx: jobs.JobContext):
@@ -193,7 +194,9 @@ def _insert_generated(job: jobs.Job) -> None:
     scene.shap_e.last_seed = int(records[0].seed if records[0].seed is not None else req.seed)
     job.payload["objects"] = [o.name for o in objs]
     skipped = len(job.result) - len(records)
-    ui.info = f"Added {len(objs)} object(s)" + (f"; {skipped} variant(s) had no surface" if skipped else "")
+    alike = variety.repeats([r.latent for r in records], p.get("reference_latent"))
+    ui.info = variety.message(len(objs), alike, variations=p.get("reference_latent") is not None) + (
+        f"; {skipped} variant(s) had no surface" if skipped else "")
     undo_push("Shap-E: Generate")
 
 
@@ -254,7 +257,8 @@ def draw_job_status(layout_, kinds=None) -> None:
             box.label(text=line, icon="BLANK1")
         box.operator("shap_e.dismiss_error", icon="X")
     elif ui.info:
-        layout_.label(text=ui.info, icon="INFO")
+        for i, line in enumerate(_wrap(ui.info, 60)):
+            layout_.label(text=line, icon="INFO" if i == 0 else "BLANK1")
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -82,7 +82,9 @@ def fake_engine(session, eng, *, steps: int = 8, delay: float = 0.0):
                                   preview=np.full((16, 16, 3), 128, np.uint8)))
         out = []
         for k in range(req.batch_size):
-            rec = box(0.5, (0.8, 0.1, 0.1), np.linspace(-1, 1, 4096, dtype=np.float32) + k)
+            # a latent per seed, as a model whose answer varies with the seed gives
+            latent = np.random.default_rng(req.seed + k).normal(size=4096).astype(np.float32)
+            rec = box(0.5, (0.8, 0.1, 0.1), latent)
             rec.seed, rec.model, rec.grid_size = req.seed + k, req.model, req.grid_size
             out.append(rec)
         return out

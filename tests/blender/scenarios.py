@@ -161,6 +161,7 @@ def sc_generate(zip_path, opts):
     FACTS["variations_ret"] = sorted(bpy.ops.shap_e.variations(count=2, sync=True))
     var = [o for o in bpy.data.objects if o.name not in names]
     FACTS["variations"] = [mesh_facts(o) for o in var]
+    FACTS["variations_info"] = session.ui.info
     FACTS["source_after_reopen"] = mesh_facts(obj)
 
     # Undo: exactly one step removes all the variations.

@@ -28,6 +28,8 @@ def test_real_generate_redecode_reopen(run_scenario, tmp_path):
     assert f["redecode_changed"] and f["redecoded"]["props"]["shap_e_grid_size"] == 32
     assert f["latent_after_reopen_equal"]
     assert len(f["variations"]) == 2
+    # the embedded model gives one object per prompt whatever the seed: the panel says so and what to change
+    assert "2 of them are the same object as the selected object" in f["variations_info"], f["variations_info"]
 
 
 @needs_engine

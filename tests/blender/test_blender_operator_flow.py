@@ -34,6 +34,7 @@ def test_generate_redecode_reopen_variations(run_scenario, tmp_path):
 
     assert f["latent_after_reopen_equal"]
     assert f["variations_ret"] == ["FINISHED"] and len(f["variations"]) == 2
+    assert f["variations_info"] == "Added 2 object(s)", "seeds that give other objects need no notice"
     src = f["source_after_reopen"]
     for i, v in enumerate(f["variations"]):
         assert v["props"]["shap_e_prompt"] == "a red cube" and v["props"]["shap_e_seed"] != p["shap_e_seed"]
