@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import variety
 from .records import EngineError, GenerationCancelled, GenerationRequest
 
 MESH_SUFFIXES = (".ply", ".obj", ".glb")
@@ -128,6 +129,9 @@ def cmd_generate(args) -> int:
             continue
         write_mesh(path, rec)
         print(f"[shap-e] wrote {path}: {len(rec.vertices)} vertices, {len(rec.faces)} faces, seed {rec.seed}")
+    alike = variety.repeats([r.latent for r in records if not r.empty])
+    if alike:
+        print(f"[shap-e] note: {alike} of the {len(records)} results are the same object as another: {variety.HINT}")
     print(f"[shap-e] done in {time.perf_counter() - t0:.1f} s")
     return 0 if any(not r.empty for r in records) else 1
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import bpy
 
 from . import jobs, layout, mesh_import, preview, variety
-from .engine_shim import get_engine
+from .engine_shim import engine_submodule, get_engine
 
 TICK_S = 0.1
 runner = jobs.JobRunner()
@@ -194,8 +194,9 @@ def _insert_generated(job: jobs.Job) -> None:
     scene.shap_e.last_seed = int(records[0].seed if records[0].seed is not None else req.seed)
     job.payload["objects"] = [o.name for o in objs]
     skipped = len(job.result) - len(records)
-    alike = variety.repeats([r.latent for r in records], p.get("reference_latent"))
-    ui.info = variety.message(len(objs), alike, variations=p.get("reference_latent") is not None) + (
+    same = engine_submodule("variety")
+    alike = same.repeats([r.latent for r in records], p.get("reference_latent"))
+    ui.info = variety.message(len(objs), alike, variations=p.get("reference_latent") is not None, hint=same.HINT) + (
         f"; {skipped} variant(s) had no surface" if skipped else "")
     undo_push("Shap-E: Generate")
 

@@ -160,17 +160,9 @@ def test_guidance_tooltip_quotes_the_engine_defaults():
                       official_bundle("image300M").sampler.guidance_scale, MINI_GUIDANCE["text"], MINI_GUIDANCE["image"]]
 
 
-def test_variety_counts_results_that_repeat_an_object():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=4096).astype(np.float32)
-    seed_jitter = z + 0.001 * np.linalg.norm(z) / 64 * rng.normal(size=4096)  # 0.1 % of the norm: one object
-    other = z + 0.05 * np.linalg.norm(z) / 64 * rng.normal(size=4096)  # 5 %: another wording of one kind
-    assert variety.same_object(z, seed_jitter) and not variety.same_object(z, other)
-    assert not variety.same_object(z, z[:100])  # different models' latents
-    assert variety.repeats([z, seed_jitter, other]) == 1
-    assert variety.repeats([seed_jitter, other], reference=z) == 1  # Variations: the source counts too
-    assert variety.repeats([z, None, other]) == 0
-    assert variety.message(2, 0, variations=False) == "Added 2 object(s)"
-    msg = variety.message(2, 2, variations=True)
-    assert msg.startswith("Added 2 object(s); 2 of them are the same object as the selected object")
-    assert "Change the prompt or picture" in msg and "official model" in msg
+def test_variety_message_says_what_repeated_and_what_to_do():
+    assert variety.message(2, 0, variations=False, hint="h") == "Added 2 object(s)"
+    msg = variety.message(2, 2, variations=True, hint="change the prompt")
+    assert msg == "Added 2 object(s); 2 of them are the same object as the selected object or another new one: " \
+                  "change the prompt"
+    assert "as another new one" in variety.message(3, 1, variations=False, hint="h")

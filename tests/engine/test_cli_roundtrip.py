@@ -37,3 +37,27 @@ def test_sample_decode_render_encode(tmp_path):
     assert encoded.shape == (1, 4096) and np.isfinite(encoded).all() and np.abs(encoded).max() < 1.0
     assert main(["decode", str(enc), "--grid", "32", "--out", str(tmp_path / "e.glb")]) == 0
     assert len(read_mesh(tmp_path / "e.glb").faces) > 0
+
+
+def test_generate_says_when_seeds_give_the_same_object(tmp_path, capsys):
+    """The embedded model answers one object per prompt whatever the seed: two seeds write two equal meshes and
+    the CLI says so, with what to change."""
+    assert main(["generate", "--prompt", "a red cube", "--batch", "2", "--grid", "32",
+                 "--out", str(tmp_path / "m.ply")]) == 0
+    out = capsys.readouterr().out
+    assert "1 of the 2 results are the same object as another" in out and "Change the prompt" in out
+    assert len(list(tmp_path.glob("m*.ply"))) == 2
+
+
+def test_variety_tells_seed_jitter_from_other_objects():
+    from engine import variety
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=4096).astype(np.float32)
+    seed_jitter = z + 0.001 * np.linalg.norm(z) / 64 * rng.normal(size=4096)  # 0.1 % of the norm: one object
+    other = z + 0.05 * np.linalg.norm(z) / 64 * rng.normal(size=4096)  # 5 %: another wording of one kind
+    assert variety.same_object(z, seed_jitter) and not variety.same_object(z, other)
+    assert not variety.same_object(z, z[:100])  # different models' latents
+    assert variety.repeats([z, seed_jitter, other]) == 1
+    assert variety.repeats([seed_jitter, other], reference=z) == 1  # Variations: the source counts too
+    assert variety.repeats([z, None, other]) == 0
