@@ -1,4 +1,4 @@
-"""Operators: Generate, Cancel, Variations, Re-decode, Use Last Seed, Dismiss Error.
+"""Operators: Generate, Cancel, Variations, Re-decode, Blend, Use Last Seed, Dismiss Error.
 
 Generate does not carry the UNDO flag: the objects arrive later (from the timer), and the undo step is pushed
 then, so one click is exactly one undo step (an UNDO flag would add a second, empty step at click time).
@@ -100,6 +100,16 @@ class SHAP_E_OT_variations(_GeneratedObjectJob, bpy.types.Operator):
     count: IntProperty(name="Count", default=0, min=0, max=16, options={"SKIP_SAVE"},
                        description="How many (0: the panel's Count)")
 
+    @classmethod
+    def poll(cls, context):
+        if not super().poll(context):
+            return False
+        meta = mesh_import.objects_meta(context.active_object)
+        if not (meta.get("prompt") or meta.get("image")):
+            cls.poll_message_set("A blend has no prompt or picture of its own: vary the objects it mixes")
+            return False
+        return True
+
     def start(self, context):
         from . import requests
 
@@ -136,14 +146,58 @@ class SHAP_E_OT_redecode(_GeneratedObjectJob, bpy.types.Operator):
     def start(self, context):
         obj = context.active_object
         grid = self.grid_size or int(context.scene.shap_e.redecode_grid_size)
-        try:
-            latent = mesh_import.load_latent(obj)
-        except ValueError as err:
-            raise _engine_errors()[0](str(err), "Generate the object again") from None
-        if latent is None:
-            raise _engine_errors()[0](f"'{obj.name}' has no stored latent",
-                                      "Its latent text block was deleted: generate it again from its seed")
-        session.start_redecode(obj, latent, grid_size=grid, device=get_prefs(context).device, sync=_sync(self))
+        session.start_redecode(obj, _stored_latent(obj), grid_size=grid, device=get_prefs(context).device,
+                               sync=_sync(self))
+
+
+def _stored_latent(obj):
+    try:
+        latent = mesh_import.load_latent(obj)
+    except ValueError as err:
+        raise _engine_errors()[0](str(err), "Generate the object again") from None
+    if latent is None:
+        raise _engine_errors()[0](f"'{obj.name}' has no stored latent",
+                                  "Its latent text block was deleted: generate it again from its seed")
+    return latent
+
+
+def _blend_partner(context):
+    """The other selected generated object when exactly two are selected, the active one among them."""
+    active = context.active_object
+    others = [o for o in context.selected_objects if o is not active and mesh_import.is_generated(o)]
+    return others[0] if len(others) == 1 and len(context.selected_objects) == 2 else None
+
+
+class SHAP_E_OT_blend(_GeneratedObjectJob, bpy.types.Operator):
+    """Objects in between the two selected generated objects, decoded from their latents mixed in steps (both
+    must come from the same model)"""
+
+    bl_idname = "shap_e.blend"
+    bl_label = "Blend"
+
+    count: IntProperty(name="Count", default=3, min=1, max=16, options={"SKIP_SAVE"},
+                       description="How many objects in between")
+
+    @classmethod
+    def poll(cls, context):
+        if not super().poll(context) or _blend_partner(context) is None:
+            cls.poll_message_set("Select two generated objects (the active one is the start)")
+            return False
+        return True
+
+    def start(self, context):
+        a, b = context.active_object, _blend_partner(context)
+        models = [o.get(mesh_import.PREFIX + "model", "mini") for o in (a, b)]
+        if models[0] != models[1]:
+            raise _engine_errors()[0](f"'{a.name}' and '{b.name}' come from different models ({models[0]}, "
+                                      f"{models[1]}), whose latents do not mix", "Select two objects of one model")
+        za, zb = _stored_latent(a), _stored_latent(b)
+        if za.size != zb.size:
+            raise _engine_errors()[0](f"The latents of '{a.name}' and '{b.name}' differ in size",
+                                      "Select two objects of one model")
+        grid = int(a.get(mesh_import.PREFIX + "grid_size", 64))
+        session.start_blend(a, b, za, zb, count=self.count, grid_size=grid, device=get_prefs(context).device,
+                            spacing=context.scene.shap_e.spacing, sync=_sync(self))
 
 
 class SHAP_E_OT_cancel(bpy.types.Operator):
@@ -188,6 +242,6 @@ class SHAP_E_OT_dismiss_error(bpy.types.Operator):
         return {"FINISHED"}
 
 
-classes = (SHAP_E_OT_generate, SHAP_E_OT_variations, SHAP_E_OT_redecode, SHAP_E_OT_cancel,
+classes = (SHAP_E_OT_generate, SHAP_E_OT_variations, SHAP_E_OT_redecode, SHAP_E_OT_blend, SHAP_E_OT_cancel,
            SHAP_E_OT_use_last_seed, SHAP_E_OT_dismiss_error)
 register, unregister = bpy.utils.register_classes_factory(classes)

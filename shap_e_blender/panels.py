@@ -90,7 +90,8 @@ class SHAP_E_PT_refine(_ShapEPanel, bpy.types.Panel):
         meta = mesh_import.objects_meta(obj)
         layout = self.layout
         col = layout.column(align=True)
-        source = meta.get("prompt") or f"image {meta.get('image', '?')}"
+        source = meta.get("prompt") or (f"blend of {meta['blend']}" if meta.get("blend") else
+                                         f"image {meta.get('image', '?')}")
         col.label(text=f"{source}", icon="TEXT")
         col.label(text=f"{meta.get('model')}  seed {meta.get('seed')}  grid {meta.get('grid_size')}  "
                        f"steps {meta.get('steps')}")
@@ -102,6 +103,9 @@ class SHAP_E_PT_refine(_ShapEPanel, bpy.types.Panel):
         row.enabled = not session.runner.busy
         row.operator("shap_e.variations", icon="DUPLICATE")
         row.operator("shap_e.use_last_seed", text="Use Seed", icon="RECOVER_LAST").from_object = True
+        row = layout.row(align=True)
+        row.enabled = not session.runner.busy
+        row.operator("shap_e.blend", icon="MOD_MESHDEFORM")
 
 
 classes = (SHAP_E_PT_generate, SHAP_E_PT_advanced, SHAP_E_PT_refine)

@@ -14,6 +14,7 @@ import traceback
 from dataclasses import dataclass
 
 import bpy
+import numpy as np
 
 from . import jobs, layout, mesh_import, preview, variety
 from .engine_shim import engine_submodule, get_engine
@@ -106,6 +107,33 @@ def start_redecode(obj, latent, *, grid_size: int, device: str, sync: bool = Fal
                   payload=dict(object=obj.name, grid_size=grid_size), sync=sync)
 
 
+def blend_fractions(count: int) -> list[float]:
+    """Where ``count`` in-betweens sit between two objects: evenly, ends excluded."""
+    return [i / (count + 1) for i in range(1, count + 1)]
+
+
+def start_blend(a, b, latent_a, latent_b, *, count: int, grid_size: int, device: str, spacing: float,
+                sync: bool = False) -> jobs.Job:
+    """Decode ``count`` latents mixed linearly from ``a``'s to ``b``'s (one model's latent space) in the worker;
+    the objects appear on the line from ``a`` to ``b`` as one undo step."""
+    dec = _decode_fn or get_engine().decode_latent
+    model = a.get(mesh_import.PREFIX + "model", "mini")
+    fractions = blend_fractions(count)
+    za, zb = (np.asarray(z, np.float32).reshape(-1) for z in (latent_a, latent_b))
+
+    def task(ctx: jobs.JobContext):
+        out = []
+        for i, t in enumerate(fractions):
+            ctx.report(i / len(fractions), f"Decoding blend {i + 1} of {len(fractions)}")
+            out.append(dec((1 - t) * za + t * zb, model=model, grid_size=grid_size, device=device))
+            ctx.check_cancel()
+        return out
+
+    payload = dict(scene=bpy.context.scene.name, names=(a.name, b.name), fractions=fractions, model=model,
+                   grid_size=grid_size, spacing=spacing, locations=(tuple(a.location), tuple(b.location)))
+    return _start(task, label=f"Blending '{a.name}' and '{b.name}'", kind="blend", payload=payload, sync=sync)
+
+
 def start_task(task, *, label: str, kind: str, sync: bool = False) -> jobs.Job:
     """Any other background work (model download, dependency install)."""
     return _start(task, label=label, kind=kind, payload={}, sync=sync)
@@ -149,6 +177,8 @@ def _finish(job: jobs.Job) -> None:
         _insert_generated(job)
     elif job.kind == "redecode":
         _apply_redecode(job)
+    elif job.kind == "blend":
+        _insert_blend(job)
     else:
         if job.kind == "download":
             from .properties import model_infos
@@ -187,10 +217,7 @@ def _insert_generated(job: jobs.Job) -> None:
         loc = tuple(a + b for a, b in zip(p["location"], off))
         objs.append(mesh_import.create_object(rec, name=object_name(req), collection=scene.collection,
                                               location=loc, meta=_metadata(rec, req, p.get("image_path"))))
-    # A timer callback may run without a window, hence without context.view_layer.
-    view_layer = getattr(bpy.context, "view_layer", None) if bpy.context.scene == scene else None
-    view_layer = view_layer or scene.view_layers[0]
-    mesh_import.select_only(view_layer, objs)
+    _select(scene, objs)
     scene.shap_e.last_seed = int(records[0].seed if records[0].seed is not None else req.seed)
     job.payload["objects"] = [o.name for o in objs]
     skipped = len(job.result) - len(records)
@@ -199,6 +226,38 @@ def _insert_generated(job: jobs.Job) -> None:
     ui.info = variety.message(len(objs), alike, variations=p.get("reference_latent") is not None, hint=same.HINT) + (
         f"; {skipped} variant(s) had no surface" if skipped else "")
     undo_push("Shap-E: Generate")
+
+
+def _select(scene, objs) -> None:
+    """Select exactly ``objs``, the first active. A timer callback may run without a window, hence without
+    context.view_layer."""
+    view_layer = getattr(bpy.context, "view_layer", None) if bpy.context.scene == scene else None
+    mesh_import.select_only(view_layer or scene.view_layers[0], objs)
+
+
+def _insert_blend(job: jobs.Job) -> None:
+    from . import __version__
+
+    p = job.payload
+    made = [(t, r) for t, r in zip(p["fractions"], job.result) if not getattr(r, "empty", False) and len(r.faces)]
+    if not made:
+        raise get_engine().EngineError("None of the blends has a surface", "Try more steps between, or another grid")
+    scene = bpy.data.scenes.get(p["scene"]) or bpy.context.scene
+    (xa, ya, za), (xb, yb, zb) = p["locations"]
+    apart = ((xb - xa) ** 2 + (yb - ya) ** 2 + (zb - za) ** 2) ** 0.5 > 1e-6
+    beside = layout.beside_offsets(len(made), p["spacing"])
+    objs = []
+    for k, (t, rec) in enumerate(made):
+        loc = ((xa + t * (xb - xa), ya + t * (yb - ya), za + t * (zb - za)) if apart
+               else tuple(c + o for c, o in zip(p["locations"][1], beside[k])))
+        meta = dict(blend=f"{p['names'][0]} + {p['names'][1]} at {t:.2f}", seed=-1, model=p["model"],
+                    grid_size=int(p["grid_size"]), version=__version__)
+        objs.append(mesh_import.create_object(rec, name=f"Shap-E blend {t:.2f}", collection=scene.collection,
+                                              location=loc, meta=meta))
+    _select(scene, objs)
+    job.payload["objects"] = [o.name for o in objs]
+    ui.info = f"Added {len(objs)} blend(s) between '{p['names'][0]}' and '{p['names'][1]}'"
+    undo_push("Shap-E: Blend")
 
 
 def _apply_redecode(job: jobs.Job) -> None:

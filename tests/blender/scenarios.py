@@ -361,7 +361,61 @@ def sc_random_engine(zip_path, opts):
     FACTS["cancel_unchanged"] = snapshot() == snap
 
 
-SCENARIOS = {"ui": sc_ui, "image_input": sc_image_input, "random_engine": sc_random_engine, "install": sc_install, "bad_inputs": sc_bad_inputs, "generate": sc_generate, "undo": sc_undo,
+def sc_blend(zip_path, opts):
+    """Blend between two generated objects: in-betweens decoded from the mixed latents, on the line between them,
+    one undo step; refused for objects of different models; Variations refused on a blend."""
+    install(zip_path)
+    session = sub("session")
+    mesh_import = sub("mesh_import")
+    s = bpy.context.scene.shap_e
+    if opts.get("fake"):
+        fake_engine(session, sub("engine_shim").get_engine())
+        s.input_mode, s.prompt, s.count = "TEXT", "a red cube", 2
+        _generate(session, s)
+    else:  # two prompts, side by side
+        s.input_mode, s.count = "TEXT", 1
+        for prompt, x in (("a red cube", -1.0), ("a blue sphere", 1.0)):
+            bpy.context.scene.cursor.location = (x, 0.0, 0.0)
+            s.prompt = prompt
+            _generate(session, s)
+    a, b = sorted((o for o in bpy.data.objects if mesh_import.is_generated(o)), key=lambda o: o.location.x)
+    view_layer = bpy.context.view_layer
+    mesh_import.select_only(view_layer, [b])
+    FACTS["poll_one_selected"] = bpy.ops.shap_e.blend.poll()
+    mesh_import.select_only(view_layer, [a, b])  # a active
+    names = (a.name, b.name)
+    FACTS["ends"] = [list(a.location), list(b.location)]
+    za, zb = mesh_import.load_latent(a), mesh_import.load_latent(b)
+    bpy.ops.ed.undo_push(message="before blend")
+    before = snapshot()
+    FACTS["ret"] = sorted(bpy.ops.shap_e.blend(count=int(opts.get("count", 3)), sync=True))
+    FACTS["info"], FACTS["error"] = session.ui.info, session.ui.error
+    new = sorted((o for o in bpy.data.objects if o.name not in before["objects"]), key=lambda o: o.location.x)
+    FACTS["blends"] = [mesh_facts(o) for o in new]
+    FACTS["latent_err"] = [float(np.abs(mesh_import.load_latent(o) - ((1 - t) * za + t * zb)).max())
+                           for o, t in zip(new, session.blend_fractions(len(new)))]
+    FACTS["selected"] = sorted(o.name for o in bpy.context.selected_objects)
+    FACTS["new_names"] = sorted(o.name for o in new)
+    if new:
+        view_layer.objects.active = new[0]
+        FACTS["variations_poll_on_blend"] = bpy.ops.shap_e.variations.poll()
+    FACTS["end_colors"] = [mesh_facts(o)["color_mean"] for o in (a, b)]
+    bpy.ops.ed.undo()
+    FACTS["after_undo_equal"] = snapshot() == before
+    # two models' latents do not mix: a reported error and nothing changed
+    a, b = (bpy.data.objects[n] for n in names)  # undo rebuilt every datablock
+    mesh_import.select_only(bpy.context.view_layer, [a, b])
+    b[mesh_import.PREFIX + "model"] = "text300M"
+    before = snapshot()
+    try:
+        FACTS["mixed_ret"] = sorted(bpy.ops.shap_e.blend(count=2, sync=True))
+    except RuntimeError as err:  # an operator's ERROR report raises under the wheel
+        FACTS["mixed_ret"] = ["CANCELLED", str(err)]
+    FACTS["mixed_error"] = [session.ui.error, session.ui.hint]
+    FACTS["mixed_unchanged"] = snapshot() == before
+
+
+SCENARIOS = {"blend": sc_blend, "ui": sc_ui, "image_input": sc_image_input, "random_engine": sc_random_engine, "install": sc_install, "bad_inputs": sc_bad_inputs, "generate": sc_generate, "undo": sc_undo,
              "cancel": sc_cancel}
 
 

@@ -62,3 +62,17 @@ def test_real_pipeline_with_random_weights(run_scenario):
         assert "no surface" in f["error"][0] and f["error"][1]
     assert f["reached_step2"] and f["cancel_step"] >= 2
     assert f["cancel_status"] == "cancelled" and f["cancel_unchanged"]
+
+
+@needs_engine
+def test_real_blend_of_a_red_cube_and_a_blue_sphere(run_scenario):
+    """Half way between a red cube and a blue sphere, the mini model's mixed latent decodes to an object (the
+    mix is in the latent, so its shape and colour need not be the average of the ends')."""
+    f = run_scenario("blend", timeout=200, count=1)
+    assert f["ret"] == ["FINISHED"], f["error"]
+    (mid,) = f["blends"]
+    assert mid["faces"] > 100 and mid["attr"] == ["POINT", "FLOAT_COLOR"]
+    assert max(f["latent_err"]) < 1e-3  # the stored latent is the mix (within the text codec's precision)
+    (r0, _, b0), (r1, _, b1) = f["end_colors"]
+    assert r0 > b0 and b1 > r1, f["end_colors"]  # the ends: red, blue
+    assert f["after_undo_equal"]

@@ -13,7 +13,7 @@ def test_install_enable_and_disable(run_scenario):
     assert f["vendored"], "the add-on must use the engine vendored inside the zip"
     assert not f["torch_after_enable"] and not f["engine_loaded_at_register"]
     assert f["scene_prop"]
-    for cls in ("SHAP_E_OT_generate", "SHAP_E_OT_cancel", "SHAP_E_OT_redecode", "SHAP_E_OT_variations",
+    for cls in ("SHAP_E_OT_generate", "SHAP_E_OT_cancel", "SHAP_E_OT_redecode", "SHAP_E_OT_variations", "SHAP_E_OT_blend",
                 "SHAP_E_PT_generate", "SHAP_E_PT_advanced", "SHAP_E_OT_download_models",
                 "SHAP_E_OT_install_dependencies"):
         assert cls in f["operators"]

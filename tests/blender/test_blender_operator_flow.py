@@ -55,3 +55,21 @@ def test_cancel_mid_run_leaves_scene_unchanged(run_scenario):
     assert f["reached_step2"] and "step 2/50" in f["progress_text"] and "ETA" in f["progress_text"]
     assert f["had_preview"]
     assert f["status"] == "cancelled" and f["unchanged"] and not f["busy_after"]
+
+
+def test_blend_between_two_generated_objects(run_scenario):
+    f = run_scenario("blend", fake=True, count=3)
+    assert f["poll_one_selected"] is False, "Blend needs two selected generated objects"
+    assert f["ret"] == ["FINISHED"] and f["error"] == "", f.get("traceback")
+    assert f["info"] == "Added 3 blend(s) between '{}' and '{}'".format(*sorted(f["info"].split("'")[1::2]))
+    assert len(f["blends"]) == 3 and max(f["latent_err"]) < 1e-6, "latents mixed at 1/4, 1/2, 3/4"
+    (xa, ya, za), (xb, yb, zb) = f["ends"]
+    for blend, t in zip(f["blends"], (0.25, 0.5, 0.75)):
+        assert blend["location"] == pytest.approx([xa + t * (xb - xa), ya + t * (yb - ya), za + t * (zb - za)])
+        assert blend["props"]["shap_e_blend"].endswith(f"at {t:.2f}") and blend["props"]["shap_e_model"] == "mini"
+        assert blend["attr"] == ["POINT", "FLOAT_COLOR"] and "shap_e_latent_text" in blend["props"]
+    assert f["selected"] == f["new_names"], "the new objects are selected"
+    assert f["variations_poll_on_blend"] is False, "a blend has no prompt of its own to vary"
+    assert f["after_undo_equal"], "one undo step removes every blend"
+    assert f["mixed_ret"][0] == "CANCELLED" and "different models" in f["mixed_error"][0]
+    assert f["mixed_error"][1] and f["mixed_unchanged"]

@@ -14,7 +14,7 @@ def test_panels_draw_in_every_state(run_scenario):
         assert "shap_e.generate" in st["operators"] and "shap_e.download_models" in st["operators"]
     assert any("prompt is empty" in lbl for lbl in states["error"]["labels"])
     assert "shap_e.dismiss_error" in states["error"]["operators"]
-    assert {"shap_e.redecode", "shap_e.variations"} <= set(states["selected_generated"]["operators"])
+    assert {"shap_e.redecode", "shap_e.variations", "shap_e.blend"} <= set(states["selected_generated"]["operators"])
     assert "shap_e.redecode" not in states["idle_text"]["operators"]  # refine only for generated objects
     run = states["running"]
     assert run["progress"] and "shap_e.cancel" in run["operators"]
