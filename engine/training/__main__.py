@@ -222,7 +222,9 @@ def reproduce(out: str, *, device: str = "auto", preset: str = "gpu", export_to:
         if not time_budget:
             return 0.0
         pending = [s for s in STAGES[STAGES.index(stage):] if s in p and not (root / s / "done").exists()]
-        return stage_seconds(p, stage, pending, deadline - time.monotonic())
+        seconds = stage_seconds(p, stage, pending, deadline - time.monotonic())
+        print(f"[reproduce] {stage}: {seconds:.0f} s of the time budget", flush=True)
+        return seconds
 
     c = p.get("clip", {})
     _stage("clip", root / "clip" / "done", lambda: _mark(root / "clip", train_clip.main(
