@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate another exported mini folder (a training run's export) instead of the shipped one")
     p.add_argument("--mode", default="both", choices=["text", "image", "both", "none"],
                    help="conditioning to evaluate ('none': only the diagnostics)")
+    p.add_argument("--image-scale", type=float, default=1.0,
+                   help="pad (> 1) or crop (< 1) every image prompt's canvas by this factor about its centre, to "
+                        "measure how the framing of a picture matters (1.5: the object at 2/3 of its size)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--ceiling", action="store_true",

@@ -42,6 +42,26 @@ def subject_framing(image, tol: int = 24, alpha_background=(1.0, 1.0, 1.0)) -> t
     return float(extent), float(background.mean() / 255)
 
 
+def reframe(image, scale: float, background=None) -> np.ndarray:
+    """The picture (H, W, C) with its canvas scaled by ``scale`` about the centre, so that the object spans 1/scale
+    of what it did: > 1 pads with ``background`` (default: the median colour of the picture's border), < 1 crops.
+    No resampling: the CLIP transform resizes whatever it is given."""
+    img = np.asarray(image)
+    h, w = img.shape[:2]
+    H, W = max(1, round(h * scale)), max(1, round(w * scale))
+    if scale < 1:
+        top, left = (h - H) // 2, (w - W) // 2
+        return img[top:top + H, left:left + W].copy()
+    if background is None:
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        background = np.median(border, axis=0)
+    out = np.empty((H, W) + img.shape[2:], img.dtype)
+    out[...] = np.asarray(background, dtype=np.float64).astype(img.dtype)
+    top, left = (H - h) // 2, (W - w) // 2
+    out[top:top + h, left:left + w] = img
+    return out
+
+
 def framing_advice(image, alpha_background=(1.0, 1.0, 1.0)) -> str | None:
     """What to change so the embedded model reads the picture as it learnt to, or None when it looks right."""
     framing = subject_framing(image, alpha_background=alpha_background)

@@ -122,14 +122,16 @@ def condition_view(kind: int, seed: int) -> tuple[float, torch.Tensor]:
         random_view_directions(1, g, elev_deg=CONDITION_ELEV_DEG)
 
 
-def condition_image(spec: ObjectSpec, seed: int, size: int = 128) -> np.ndarray:
-    """A render of the target from a random view and yaw on a plain background, as 8-bit sRGB (what a PNG holds)."""
+def condition_image(spec: ObjectSpec, seed: int, size: int = 128, scale: float = 1.0) -> np.ndarray:
+    """A render of the target from a random view and yaw on a plain background, as 8-bit sRGB (what a PNG holds);
+    ``scale`` != 1 pads (> 1) or crops (< 1) its canvas about the centre (``framing.reframe``)."""
+    from ..conditioning.framing import reframe
     from ..training.render_world import condition_images, to_srgb8
 
     yaw, direction = condition_view(spec.kind, seed)
     target = ObjectSpec(spec.shape, spec.aspect, spec.color, yaw=yaw)
-    img = condition_images([target], torch.Generator(), size=size, directions=direction)[0]
-    return to_srgb8(img)
+    img = to_srgb8(condition_images([target], torch.Generator(), size=size, directions=direction)[0])
+    return img if scale == 1.0 else reframe(img, scale)
 
 
 def view_elevation_deg(kind: int, seed: int) -> float:
@@ -137,7 +139,8 @@ def view_elevation_deg(kind: int, seed: int) -> float:
 
 
 def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int | None, sampler: str,
-             device: str, grid: int = 64, guidance: float | None = None, phrasings: int = 1) -> Tally:
+             device: str, grid: int = 64, guidance: float | None = None, phrasings: int = 1,
+             image_scale: float = 1.0) -> Tally:
     from ..pipeline import generate
 
     tally = Tally()
@@ -155,7 +158,8 @@ def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int 
         else:
             records = []
             for seed in range(seeds):  # one image (view) per kind and seed
-                records += generate(GenerationRequest(image=condition_image(spec, seed), seed=seed, **common))
+                records += generate(GenerationRequest(image=condition_image(spec, seed, scale=image_scale), seed=seed,
+                                                      **common))
                 tally.elevations.append(view_elevation_deg(k, seed))
             groups = [records]
         tally.seconds += time.perf_counter() - t0
@@ -242,6 +246,10 @@ def _evaluate(args) -> int:
     label = f"{args.sampler}-{args.steps or 'default'}"
     if args.guidance is not None:
         label += f", g{args.guidance:g}"
+    if getattr(args, "image_scale", 1.0) != 1.0:
+        if not 0.25 <= args.image_scale <= 4.0:
+            raise EngineError(f"--image-scale {args.image_scale} is out of range", "give a factor from 0.25 to 4")
+        label += f", image x{args.image_scale:g}"
     if args.ceiling:  # a perfect prior's scores (encode + decode instances of each kind), then the targets
         from .ceiling import autoencoder_ceiling, ground_truth_meshes
 
@@ -283,7 +291,8 @@ def _evaluate(args) -> int:
         for split, kinds in splits:
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,
                              sampler=args.sampler, device=args.device, guidance=args.guidance,
-                             phrasings=args.phrasings if mode == "text" else 1)
+                             phrasings=args.phrasings if mode == "text" else 1,
+                             image_scale=getattr(args, "image_scale", 1.0))
             name = f"{mode} {split} ({label})"
             rows[name] = tally.row(_rprec(tally, clip))
             print_table({name: rows[name]})

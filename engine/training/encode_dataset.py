@@ -151,19 +151,68 @@ def encode_dataset(transmitter: Transmitter, out_path: str, *, per_kind: int = 1
     return blob
 
 
+def add_zoomed_views(blob: dict, clip: ClipEmbedder, views: int, max_scale: float, seed: int = 0) -> dict:
+    """Append ``views`` conditioning views per object, each one of its renders with the canvas scaled by a factor
+    drawn log-uniformly in [1/max_scale, max_scale] (``framing.reframe``: padded with the background or cropped,
+    then resized back to the render size), with their CLIP grids: the image prior then learns to read a shape
+    whatever its size in the picture. Latents and captions are unchanged; ``zoom_scales`` (N, views) records the
+    factors (1 for the original views)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from engine.conditioning.framing import reframe
+
+    if blob.get("image_grids") is None:
+        raise ValueError("the dataset has no image grids to extend: encode it with --clip")
+    g = torch.Generator().manual_seed(seed)
+    imgs = blob["cond_images"]  # (N, Vc, S, S, 3) uint8
+    n, vc, size = imgs.shape[0], imgs.shape[1], imgs.shape[2]
+    src = torch.randint(vc, (n, views), generator=g)
+    scales = torch.exp((torch.rand(n, views, generator=g) * 2 - 1) * math.log(max_scale))
+    out = torch.empty(n, views, size, size, 3, dtype=torch.uint8)
+    for i in range(n):
+        for v in range(views):
+            pic = torch.from_numpy(reframe(imgs[i, src[i, v]].numpy(), float(scales[i, v])))
+            pic = F.interpolate(pic.permute(2, 0, 1)[None].float(), size=(size, size), mode="bilinear",
+                                antialias=True, align_corners=False)
+            out[i, v] = pic[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
+    grids = clip.grid(out.flatten(0, 1).float() / 255)
+    blob["cond_images"] = torch.cat([imgs, out], 1)
+    blob["image_grids"] = torch.cat([blob["image_grids"], grids.view(n, views, *grids.shape[1:])], 1)
+    blob["zoom_scales"] = torch.cat([torch.ones(n, vc), scales], 1)
+    return blob
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--transmitter", required=True, help="folder written by train_transmitter")
+    p.add_argument("--transmitter", default=None, help="folder written by train_transmitter")
     p.add_argument("--clip", default=None, help="folder written by train_clip (stores CLIP conditions)")
     p.add_argument("--out", required=True)
     p.add_argument("--per-kind", type=int, default=16)
     p.add_argument("--cond-views", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--zoom-views", type=int, default=0,
+                   help="add this many conditioning views per object with the picture padded or cropped (needs --clip)")
+    p.add_argument("--zoom-max", type=float, default=1.6, help="largest pad / crop factor of --zoom-views")
+    p.add_argument("--augment", default=None,
+                   help="add --zoom-views to this existing dataset file instead of encoding (written to --out)")
     a = p.parse_args(argv)
     from .loop import resolve_device
 
     dev = resolve_device(a.device)
+    if a.augment:
+        if not (a.clip and a.zoom_views > 0):
+            p.error("--augment needs --clip and --zoom-views")
+        blob = torch.load(a.augment, map_location="cpu", weights_only=False)
+        blob = add_zoomed_views(blob, ClipEmbedder(clip_conditioner(a.clip, dev)), a.zoom_views, a.zoom_max)
+        torch.save(blob, a.out + ".tmp")
+        os.replace(a.out + ".tmp", a.out)
+        print(f"added {a.zoom_views} zoomed views to {len(blob['latents'])} objects -> {a.out}")
+        return blob
+    if not a.transmitter:
+        p.error("--transmitter is required to encode")
     model = load_transmitter(a.transmitter, dev)
     clip = ClipEmbedder(clip_conditioner(a.clip, dev)) if a.clip else None
     blob = encode_dataset(model, a.out, per_kind=a.per_kind, cond_views=a.cond_views, clip=clip, device=dev,
