@@ -233,7 +233,7 @@ def _evaluate(args) -> int:
     trained_all = allowed_kinds("train")
     g = torch.Generator().manual_seed(1234)
     trained = [trained_all[i] for i in torch.randperm(len(trained_all), generator=g)[: args.trained_sample]]
-    splits = (("held-out", held), ("trained", trained))
+    splits = tuple((name, kinds) for name, kinds in (("held-out", held), ("trained", trained)) if kinds)
     modes = {"both": ["text", "image"], "none": []}.get(args.mode, [args.mode])
     if args.weights is not None:
         if args.model != "mini":
