@@ -175,8 +175,8 @@ class SHAP_E_OT_blend(_GeneratedObjectJob, bpy.types.Operator):
     bl_idname = "shap_e.blend"
     bl_label = "Blend"
 
-    count: IntProperty(name="Count", default=3, min=1, max=16, options={"SKIP_SAVE"},
-                       description="How many objects in between")
+    count: IntProperty(name="Count", default=0, min=0, max=16, options={"SKIP_SAVE"},
+                       description="How many objects in between (0: the panel's Count)")
 
     @classmethod
     def poll(cls, context):
@@ -196,7 +196,7 @@ class SHAP_E_OT_blend(_GeneratedObjectJob, bpy.types.Operator):
             raise _engine_errors()[0](f"The latents of '{a.name}' and '{b.name}' differ in size",
                                       "Select two objects of one model")
         grid = int(a.get(mesh_import.PREFIX + "grid_size", 64))
-        session.start_blend(a, b, za, zb, count=self.count, grid_size=grid, device=get_prefs(context).device,
+        session.start_blend(a, b, za, zb, count=self.count or context.scene.shap_e.count, grid_size=grid, device=get_prefs(context).device,
                             spacing=context.scene.shap_e.spacing, sync=_sync(self))
 
 
