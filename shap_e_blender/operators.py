@@ -131,7 +131,7 @@ class SHAP_E_OT_variations(_GeneratedObjectJob, bpy.types.Operator):
                                      image=image, image_name=name, like=meta)
         session.start_generate(req, scene=context.scene, location=obj.location.copy(),
                                spacing=settings.spacing, layout_mode="beside", sync=_sync(self),
-                               image_path=meta.get("image_path"), reference_latent=mesh_import.load_latent(obj))
+                               image_path=meta.get("image_path"), reference_latent=_latent_or_none(obj))
 
 
 class SHAP_E_OT_redecode(_GeneratedObjectJob, bpy.types.Operator):
@@ -159,6 +159,14 @@ def _stored_latent(obj):
         raise _engine_errors()[0](f"'{obj.name}' has no stored latent",
                                   "Its latent text block was deleted: generate it again from its seed")
     return latent
+
+
+def _latent_or_none(obj):
+    """The object's latent for comparisons that can do without it (a damaged latent text gives None)."""
+    try:
+        return mesh_import.load_latent(obj)
+    except ValueError:
+        return None
 
 
 def _blend_partner(context):

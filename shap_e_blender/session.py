@@ -243,13 +243,13 @@ def _insert_blend(job: jobs.Job) -> None:
     if not made:
         raise get_engine().EngineError("None of the blends has a surface", "Try more steps between, or another grid")
     scene = bpy.data.scenes.get(p["scene"]) or bpy.context.scene
-    (xa, ya, za), (xb, yb, zb) = p["locations"]
-    apart = ((xb - xa) ** 2 + (yb - ya) ** 2 + (zb - za) ** 2) ** 0.5 > 1e-6
-    beside = layout.beside_offsets(len(made), p["spacing"])
+    from mathutils import Vector
+
+    start, end = (Vector(loc) for loc in p["locations"])
+    beside = layout.beside_offsets(len(made), p["spacing"])  # when both ends stand in one place
     objs = []
     for k, (t, rec) in enumerate(made):
-        loc = ((xa + t * (xb - xa), ya + t * (yb - ya), za + t * (zb - za)) if apart
-               else tuple(c + o for c, o in zip(p["locations"][1], beside[k])))
+        loc = start.lerp(end, t) if (end - start).length > 1e-6 else end + Vector(beside[k])
         meta = dict(blend=f"{p['names'][0]} + {p['names'][1]} at {t:.2f}", seed=-1, model=p["model"],
                     grid_size=int(p["grid_size"]), version=__version__)
         objs.append(mesh_import.create_object(rec, name=f"Shap-E blend {t:.2f}", collection=scene.collection,

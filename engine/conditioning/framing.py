@@ -16,6 +16,11 @@ TRAINING_EXTENT = (0.33, 0.90)  # the object's extent in the mini model's traini
 MIN_BACKGROUND = 0.6  # their backgrounds are white or light grey (luminance 0.75-1)
 
 
+def border_colour(img: np.ndarray) -> np.ndarray:
+    """The median colour of a picture's outermost rows and columns: its plain background."""
+    return np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]), axis=0)
+
+
 def subject_framing(image, tol: int = 24, alpha_background=(1.0, 1.0, 1.0)) -> tuple[float, float] | None:
     """(extent of the object, background luminance) in the centre square crop of a picture (what the CLIP
     transform takes: an (H, W[, 3|4]) uint8 or float array, or a PIL image).
@@ -32,8 +37,7 @@ def subject_framing(image, tol: int = 24, alpha_background=(1.0, 1.0, 1.0)) -> t
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     crop = img[top:top + side, left:left + side].astype(np.float32)
-    border = np.concatenate([crop[0], crop[-1], crop[:, 0], crop[:, -1]])
-    background = np.median(border, axis=0)
+    background = border_colour(crop)
     mask = np.abs(crop - background).max(-1) > tol
     if not mask.any():
         return None
@@ -53,8 +57,7 @@ def reframe(image, scale: float, background=None) -> np.ndarray:
         top, left = (h - H) // 2, (w - W) // 2
         return img[top:top + H, left:left + W].copy()
     if background is None:
-        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-        background = np.median(border, axis=0)
+        background = border_colour(img)
     out = np.empty((H, W) + img.shape[2:], img.dtype)
     out[...] = np.asarray(background, dtype=np.float64).astype(img.dtype)
     top, left = (H - h) // 2, (W - w) // 2

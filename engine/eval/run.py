@@ -246,7 +246,7 @@ def _evaluate(args) -> int:
     label = f"{args.sampler}-{args.steps or 'default'}"
     if args.guidance is not None:
         label += f", g{args.guidance:g}"
-    if getattr(args, "image_scale", 1.0) != 1.0:
+    if args.image_scale != 1.0:
         if not 0.25 <= args.image_scale <= 4.0:
             raise EngineError(f"--image-scale {args.image_scale} is out of range", "give a factor from 0.25 to 4")
         label += f", image x{args.image_scale:g}"
@@ -292,7 +292,7 @@ def _evaluate(args) -> int:
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,
                              sampler=args.sampler, device=args.device, guidance=args.guidance,
                              phrasings=args.phrasings if mode == "text" else 1,
-                             image_scale=getattr(args, "image_scale", 1.0))
+                             image_scale=args.image_scale)
             name = f"{mode} {split} ({label})"
             rows[name] = tally.row(_rprec(tally, clip))
             print_table({name: rows[name]})
