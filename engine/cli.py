@@ -28,6 +28,9 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--part-weight", type=float, default=None,
+                   help="text: composed guidance over the prompt's colour and the rest, 0 (off) to 1 (default: the"
+                        " model's)")
     p.add_argument("--sampler", default="heun", choices=["heun", "euler", "dpmpp_2m"])
     p.add_argument("--batch", type=int, default=1, help="number of results (seeds seed..seed+N-1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -46,6 +49,7 @@ def _request(args, grid: int = 64) -> GenerationRequest:
         image, name = load_image(args.image), args.image.name
     return GenerationRequest(prompt=args.prompt, image=image, image_name=name, model=args.model, seed=args.seed,
                              steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, grid_size=grid,
+                             part_weight=getattr(args, "part_weight", None),
                              batch_size=args.batch, device=args.device, precision=args.precision,
                              vertex_colors=getattr(args, "vertex_colors", "auto"))
 
@@ -272,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sampler", default="heun")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--part-weight", type=float, default=None,
+                   help="text: composed guidance over the prompt's parts, 0 to 1 (default: the model's)")
     p.add_argument("--weights", type=Path, default=None,
                    help="evaluate another exported mini folder (a training run's export) instead of the shipped one")
     p.add_argument("--mode", default="both", choices=["text", "image", "both", "none"],

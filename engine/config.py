@@ -38,6 +38,7 @@ class SamplerConfig:
     rho: float = 7.0
     guidance_scale: float = 15.0
     clip_denoised: bool = True  # clamp each x0 branch to [-1, 1] before guidance
+    part_weight: float = 0.0  # text: share of composed guidance over the prompt's parts (PartsGuidance); 0 = off
 
 
 @dataclass(frozen=True)

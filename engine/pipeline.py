@@ -47,6 +47,9 @@ def validate(req: GenerationRequest) -> GenerationRequest:
     if req.guidance_scale is not None and (req.guidance_scale < 0 or not np.isfinite(req.guidance_scale)):
         raise EngineError(f"the guidance scale must be >= 0, got {req.guidance_scale}",
                           "use 0 or 1 for no guidance, 15 (text) / 3 (image) as the official notebooks")
+    if req.part_weight is not None and not 0.0 <= req.part_weight <= 1.0:
+        raise EngineError(f"the part weight must be between 0 and 1, got {req.part_weight}",
+                          "0 turns composed guidance off, 1 uses the prompt's parts alone")
     if req.grid_size not in GRID_SIZES:
         raise EngineError(f"grid size {req.grid_size} is not supported", f"choose one of {GRID_SIZES}")
     if not 1 <= req.batch_size <= MAX_BATCH:
@@ -82,6 +85,18 @@ def condition(model: registry.LoadedModel, req: GenerationRequest) -> torch.Tens
     return model.clip.embed_image_grid([np.asarray(req.image)])
 
 
+def prompt_parts(model: registry.LoadedModel, prompt: str) -> torch.Tensor | None:
+    """The CLIP conditions (P, D) of the parts of a text prompt for composed guidance (``prompt_parts``), or None
+    when it has none."""
+    from .conditioning.prompt_parts import split_color
+
+    parts = split_color(prompt)
+    if parts is None:
+        return None
+    log.debug("composed guidance over %s", parts)
+    return model.clip.embed_text(list(parts))
+
+
 def _warn_out_of_vocabulary(prompt: str) -> None:
     from .training.world import SHAPES
 
@@ -94,9 +109,11 @@ def sample_latents(model: registry.LoadedModel, cond: torch.Tensor, *, seeds: li
                    guidance: float, sampler: str, placement: devices.Placement,
                    on_step: Callable[[StepEvent], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
-                   preview_every: int = 0) -> torch.Tensor:
-    """Guided Karras sampling of ``len(seeds)`` latents sharing one condition. Returns (B, d_latent) float32."""
-    from .diffusion.denoisers import ClassifierFreeGuidance, KarrasDenoiser
+                   preview_every: int = 0, parts: torch.Tensor | None = None,
+                   part_weight: float = 0.0) -> torch.Tensor:
+    """Guided Karras sampling of ``len(seeds)`` latents sharing one condition (composed over ``parts`` with
+    ``part_weight`` when both are given). Returns (B, d_latent) float32."""
+    from .diffusion.denoisers import ClassifierFreeGuidance, KarrasDenoiser, PartsGuidance
     from .diffusion.samplers import get_sampler
     from .diffusion.schedules import exp_alphas_cumprod, karras_sigmas
 
@@ -109,7 +126,10 @@ def sample_latents(model: registry.LoadedModel, cond: torch.Tensor, *, seeds: li
     cond = cond.to(dev).expand(len(seeds), *cond.shape[1:])
     denoiser = KarrasDenoiser(model.prior, exp_alphas_cumprod(bundle.diffusion.timesteps),
                               clip_denoised=bundle.sampler.clip_denoised)
-    guided = ClassifierFreeGuidance(denoiser, guidance)
+    if parts is not None and part_weight > 0:
+        guided = PartsGuidance(denoiser, guidance, parts.to(dev), part_weight)
+    else:
+        guided = ClassifierFreeGuidance(denoiser, guidance)
 
     last = {}
 
@@ -161,14 +181,17 @@ def _prepare(request: GenerationRequest):
     model = registry.load(req.model, req.mode, placement.device)
     steps = req.steps or model.bundle.sampler.steps
     guidance = model.bundle.sampler.guidance_scale if req.guidance_scale is None else req.guidance_scale
+    part_weight = model.bundle.sampler.part_weight if req.part_weight is None else req.part_weight
     seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
     seeds = [seed + i for i in range(req.batch_size)]
-    devices.preflight(model.bundle.prior, batch=req.batch_size, placement=placement,
-                      weight_bytes=model.weight_bytes)
+    part_weight = part_weight if req.mode == "text" else None
+    # composed guidance runs the whole prompt, two parts and the unconditional branch: twice a guided batch
+    rows = req.batch_size * (2 if part_weight else 1)
+    devices.preflight(model.bundle.prior, batch=rows, placement=placement, weight_bytes=model.weight_bytes)
     if placement.device.type == "cpu":
-        devices.cpu_notice(model.bundle.prior, batch=req.batch_size, calls=_network_calls(req.sampler, steps),
-                           guided=guidance not in (0.0, 1.0))
-    req = dataclasses.replace(req, steps=steps, guidance_scale=guidance)
+        devices.cpu_notice(model.bundle.prior, batch=rows, calls=_network_calls(req.sampler, steps),
+                           guided=bool(part_weight) or guidance not in (0.0, 1.0))
+    req = dataclasses.replace(req, steps=steps, guidance_scale=guidance, part_weight=part_weight)
     return req, placement, model, seeds
 
 
@@ -176,9 +199,11 @@ def _sample(req, placement, model, seeds, on_step, should_cancel) -> torch.Tenso
     t0 = time.perf_counter()
     with torch.inference_mode(), placement.autocast_context():
         cond = condition(model, req).float()
+        parts = prompt_parts(model, req.prompt) if req.mode == "text" and req.part_weight else None
     latents = sample_latents(model, cond, seeds=seeds, steps=req.steps, guidance=req.guidance_scale,
                              sampler=req.sampler, placement=placement, on_step=on_step,
-                             should_cancel=should_cancel, preview_every=req.preview_every)
+                             should_cancel=should_cancel, preview_every=req.preview_every,
+                             parts=None if parts is None else parts.float(), part_weight=req.part_weight or 0.0)
     log.debug("sampled %d latent(s) in %.2f s", len(seeds), time.perf_counter() - t0)
     return latents
 

@@ -45,6 +45,7 @@ class GenerationRequest:
     seed: int | None = None
     steps: int | None = None  # None: the model's default
     guidance_scale: float | None = None  # None: the model's default
+    part_weight: float | None = None  # text: composed guidance over the prompt's colour and the rest; None: default
     sampler: Literal["heun", "euler", "dpmpp_2m"] = "heun"
     grid_size: int = 64
     vertex_colors: Literal["auto", "query", "interpolate"] = "auto"  # auto: interpolate from grid 128 up

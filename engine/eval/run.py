@@ -140,7 +140,7 @@ def view_elevation_deg(kind: int, seed: int) -> float:
 
 def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int | None, sampler: str,
              device: str, grid: int = 64, guidance: float | None = None, phrasings: int = 1,
-             image_scale: float = 1.0) -> Tally:
+             image_scale: float = 1.0, part_weight: float | None = None) -> Tally:
     from ..pipeline import generate
 
     tally = Tally()
@@ -153,7 +153,8 @@ def evaluate(kinds: list[int], *, mode: str, model: str, seeds: int, steps: int 
         if mode == "text":  # one group of seeds per phrasing
             groups = []
             for j, prompt in enumerate(text_prompts(spec, phrasings)):
-                groups.append(generate(GenerationRequest(prompt=prompt, seed=0, batch_size=seeds, **common)))
+                groups.append(generate(GenerationRequest(prompt=prompt, seed=0, batch_size=seeds,
+                                                         part_weight=part_weight, **common)))
                 tally.phrasing += [j] * seeds
         else:
             records = []
@@ -246,6 +247,8 @@ def _evaluate(args) -> int:
     label = f"{args.sampler}-{args.steps or 'default'}"
     if args.guidance is not None:
         label += f", g{args.guidance:g}"
+    if args.part_weight is not None:
+        label += f", parts {args.part_weight:g}"
     if args.image_scale != 1.0:
         if not 0.25 <= args.image_scale <= 4.0:
             raise EngineError(f"--image-scale {args.image_scale} is out of range", "give a factor from 0.25 to 4")
@@ -292,7 +295,7 @@ def _evaluate(args) -> int:
             tally = evaluate(kinds, mode=mode, model=args.model, seeds=args.seeds, steps=args.steps,
                              sampler=args.sampler, device=args.device, guidance=args.guidance,
                              phrasings=args.phrasings if mode == "text" else 1,
-                             image_scale=args.image_scale)
+                             image_scale=args.image_scale, part_weight=args.part_weight)
             name = f"{mode} {split} ({label})"
             rows[name] = tally.row(_rprec(tally, clip))
             print_table({name: rows[name]})

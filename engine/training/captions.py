@@ -67,8 +67,38 @@ def partial_caption(spec: ObjectSpec, generator: torch.Generator, part: str) -> 
     """A caption naming only part of ``spec``: ``part`` 'shape' (aspect and shape, no colour) or 'color'."""
     pool = _TEMPLATES_SHAPE_ONLY if part == "shape" else _TEMPLATES_COLOR_ONLY
     tpl = pool[int(torch.randint(len(pool), (1,), generator=generator))]
-    shape = SHAPES[spec.shape] if spec.aspect == 0 else f"{ASPECT_SYNONYMS[spec.aspect][0]} {SHAPES[spec.shape]}"
-    return _article(tpl.format(shape=shape, color=COLOR_NAMES[spec.color]))
+    return _article(tpl.format(shape=_shape_words(spec), color=COLOR_NAMES[spec.color]))
+
+
+def _shape_words(spec: ObjectSpec) -> str:
+    """'cube', 'tall cube', 'flat cube': the shape with its plain aspect word."""
+    return SHAPES[spec.shape] if spec.aspect == 0 else f"{ASPECT_SYNONYMS[spec.aspect][0]} {SHAPES[spec.shape]}"
+
+
+N_PART_KEYS = len(SHAPES) * len(ASPECTS) + len(COLOR_NAMES)
+
+
+def part_key_of_kind(kind, part: str):
+    """The key of the part of a kind (int or tensor of kind indices) that a partial caption names: its
+    (shape, aspect) 0..23, or 24 + its colour (kind = (shape · 3 + aspect) · 12 + colour, ``world.kind_index``)."""
+    return kind // len(COLOR_NAMES) if part == "shape" else len(SHAPES) * len(ASPECTS) + kind % len(COLOR_NAMES)
+
+
+def partial_caption_bank(kinds: list[int]) -> tuple[list[str], torch.Tensor]:
+    """Every partial caption (each template, plain words) of the shapes-with-aspect and the colours of ``kinds``,
+    and the ``part_key`` of each (M,): the conditions a prior learns the marginals E[z | shape] and E[z | colour]
+    from (``train_prior --partial-frac``), which composed guidance adds up at sampling time."""
+    texts, keys, seen = [], [], set()
+    for k in kinds:
+        spec = ObjectSpec(*kind_from_index(k))
+        for part, pool in (("shape", _TEMPLATES_SHAPE_ONLY), ("color", _TEMPLATES_COLOR_ONLY)):
+            key = part_key_of_kind(k, part)
+            if key in seen:
+                continue
+            seen.add(key)
+            texts += [_article(tpl.format(shape=_shape_words(spec), color=COLOR_NAMES[spec.color])) for tpl in pool]
+            keys += [key] * len(pool)
+    return texts, torch.tensor(keys)
 
 
 def phrasings(spec: ObjectSpec) -> list[str]:

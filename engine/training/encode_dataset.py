@@ -24,7 +24,7 @@ from engine.models.transmitter import Transmitter
 
 from . import render_world
 from .object_bank import build_bank
-from .captions import caption
+from .captions import caption, partial_caption_bank
 from .world import YAWED_SHAPES, ObjectSpec, allowed_kinds, is_held_out, kind_from_index
 
 
@@ -141,6 +141,7 @@ def encode_dataset(transmitter: Transmitter, out_path: str, *, per_kind: int = 1
     }
     if clip is not None:
         blob["caption_emb"] = clip.text(texts)
+        add_partial_captions(blob, clip)
         flat = blob["cond_images"].flatten(0, 1).to(dev).float() / 255
         grids = clip.grid(flat)  # (N·Vc, width, tokens)
         blob["image_grids"] = grids.view(len(specs), cond_views, *grids.shape[1:])
@@ -148,6 +149,14 @@ def encode_dataset(transmitter: Transmitter, out_path: str, *, per_kind: int = 1
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     torch.save(blob, out_path + ".tmp")
     os.replace(out_path + ".tmp", out_path)
+    return blob
+
+
+def add_partial_captions(blob: dict, clip: ClipEmbedder) -> dict:
+    """Store the partial captions of the dataset's kinds (``captions.partial_caption_bank``: shape only, colour
+    only), their part keys and their CLIP text vectors (``partial_texts``, ``partial_key``, ``partial_emb``)."""
+    texts, keys = partial_caption_bank(sorted(set(blob["kind"].tolist())))
+    blob.update(partial_texts=texts, partial_key=keys, partial_emb=clip.text(texts))
     return blob
 
 
@@ -197,19 +206,25 @@ def main(argv=None) -> dict:
                    help="add this many conditioning views per object with the picture padded or cropped (needs --clip)")
     p.add_argument("--zoom-max", type=float, default=1.6, help="largest pad / crop factor of --zoom-views")
     p.add_argument("--augment", default=None,
-                   help="add --zoom-views to this existing dataset file instead of encoding (written to --out)")
+                   help="add partial captions (if missing) and --zoom-views to this existing dataset file instead of "
+                        "encoding (written to --out)")
     a = p.parse_args(argv)
     from .loop import resolve_device
 
     dev = resolve_device(a.device)
     if a.augment:
-        if not (a.clip and a.zoom_views > 0):
-            p.error("--augment needs --clip and --zoom-views")
+        if not a.clip:
+            p.error("--augment needs --clip")
         blob = torch.load(a.augment, map_location="cpu", weights_only=False)
-        blob = add_zoomed_views(blob, ClipEmbedder(clip_conditioner(a.clip, dev)), a.zoom_views, a.zoom_max)
+        clip = ClipEmbedder(clip_conditioner(a.clip, dev))
+        if blob.get("partial_emb") is None:
+            add_partial_captions(blob, clip)
+        if a.zoom_views > 0:
+            add_zoomed_views(blob, clip, a.zoom_views, a.zoom_max)
         torch.save(blob, a.out + ".tmp")
         os.replace(a.out + ".tmp", a.out)
-        print(f"added {a.zoom_views} zoomed views to {len(blob['latents'])} objects -> {a.out}")
+        print(f"{len(blob['latents'])} objects, {len(blob['partial_texts'])} partial captions, "
+              f"{a.zoom_views} zoomed views added -> {a.out}")
         return blob
     if not a.transmitter:
         p.error("--transmitter is required to encode")

@@ -32,6 +32,8 @@ from engine.models.latent_transformer import LatentPrior
 from engine.records import EngineError
 from engine.training.world import N_KINDS, analogies
 
+from .captions import N_PART_KEYS, part_key_of_kind
+
 from . import loop
 
 DIFFUSION_STEPS = 1024  # DiffusionConfig.timesteps of every Shap-E prior
@@ -49,6 +51,7 @@ class PriorTrainConfig:
     cond_drop_prob: float = 0.1
     cond_noise: float = 0.0  # Gaussian noise on the condition (text: per unit-vector component, renormalised)
     analogy_frac: float = 0.0  # text: fraction of each batch made of analogies of trained kinds (LatentSet.analogy)
+    partial_frac: float = 0.0  # text: fraction of rows conditioned on a caption of their shape only or colour only
     min_snr_gamma: float = 0.0  # 0: plain x0 MSE (official); >0: weight min(SNR, γ) / normalisation
     grad_clip: float = 1.0
     seed: int = 0
@@ -80,6 +83,10 @@ class LatentSet:
             self.caption_table, self.caption_count = table.to(device), counts.to(device)
             self.object_table, self.object_count = _index_table(self.kind.cpu(), n_kinds)
             self._analogies: tuple[torch.Tensor, torch.Tensor] | None = None  # built on first use (analogy)
+            if blob.get("partial_emb") is not None:  # shape-only / colour-only captions (encode_dataset)
+                self.partial_emb = blob["partial_emb"].to(device, torch.float32)
+                self.partial_table, self.partial_count = _index_table(blob["partial_key"], N_PART_KEYS)
+                self.partial_table, self.partial_count = self.partial_table.to(device), self.partial_count.to(device)
         else:
             if blob.get("image_grids") is None:
                 raise EngineError("the encoded dataset has no image grids",
@@ -101,15 +108,31 @@ class LatentSet:
         j = (torch.rand(len(k), generator=generator) * self.object_count[kc]).long()
         return self.latents[self.object_table[kc, j.clamp(max=self.object_table.shape[1] - 1)].to(k.device)]
 
-    def batch(self, n: int, generator: torch.Generator, analogy_frac: float = 0.0
+    def partial(self, k: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The embedding of a random partial caption of each kind in ``k``: of its shape (with aspect) or of its
+        colour, one or the other with even odds. Trained on the kind's own objects, such a condition's x0 target
+        averages to the latent mean over every trained kind sharing that part: E[z | shape], E[z | colour]."""
+        if getattr(self, "partial_emb", None) is None:
+            raise EngineError("the encoded dataset has no partial captions",
+                              "run encode_dataset --augment FILE --clip DIR to add them")
+        shape_part = torch.rand(len(k), generator=generator).to(k.device) < 0.5
+        key = torch.where(shape_part, part_key_of_kind(k, "shape"), part_key_of_kind(k, "color"))
+        j = (torch.rand(len(k), generator=generator).to(k.device) * self.partial_count[key]).long()
+        return self.partial_emb[self.partial_table[key, j.clamp(max=self.partial_table.shape[1] - 1)]]
+
+    def batch(self, n: int, generator: torch.Generator, analogy_frac: float = 0.0, partial_frac: float = 0.0
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 (n, d_latent), cond) drawn with the CPU ``generator``; text rows are replaced by analogies
-        (``analogy``) with probability ``analogy_frac``."""
+        (``analogy``) with probability ``analogy_frac`` and their caption by a partial one (``partial``) with
+        probability ``partial_frac``."""
         dev = self.latents.device
         idx = torch.randint(len(self), (n,), generator=generator).to(dev)
         x0 = self.latents[idx]
         if self.cond == "text":
             cond = self._caption(self.kind[idx], generator)
+            if partial_frac > 0:
+                use = (torch.rand(n, generator=generator) < partial_frac).to(dev)
+                cond = torch.where(use[:, None], self.partial(self.kind[idx], generator), cond)
             if analogy_frac > 0:
                 use = (torch.rand(n, generator=generator) < analogy_frac).to(dev)
                 a_cond, a_x0, ok = self.analogy(self.kind[idx], generator)
@@ -239,6 +262,8 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
     if blob["latents"].shape[1] != pcfg.d_latent:
         raise EngineError(f"latents have {blob['latents'].shape[1]} values, the prior expects {pcfg.d_latent}",
                           "encode the dataset with the matching transmitter")
+    if tcfg.partial_frac > 0 and tcfg.cond != "text":
+        raise EngineError("partial captions are text conditions", "drop --partial-frac for --cond image")
     if tcfg.analogy_frac > 0 and tcfg.cond != "text":
         raise EngineError("analogies are built from text conditions only", "drop --analogy-frac for --cond image")
     ds = LatentSet(blob, tcfg.cond, dev)
@@ -260,7 +285,7 @@ def train_prior(data: str | dict, out_dir: str, tcfg: PriorTrainConfig, *, devic
         if step >= st.budget.total:
             break
         g = loop.step_generator(tcfg.seed, info.rank, step)
-        x0, cond = ds.batch(tcfg.batch, g, tcfg.analogy_frac)
+        x0, cond = ds.batch(tcfg.batch, g, tcfg.analogy_frac, tcfg.partial_frac)
         cond = perturb_condition(cond, tcfg.cond_noise, g)
         cond = drop_condition(cond, tcfg.cond_drop_prob, g)
         loss = diffusion_loss(st.ddp, x0, cond, g, sigma_table=sigma_table, min_snr_gamma=tcfg.min_snr_gamma,
@@ -311,6 +336,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="text: fraction of each batch replaced by analogies of trained kinds (condition e_A - e_B +"
                         " e_C, target z_A - z_B + z_C, landing on a trained kind), to teach composition (off: as a CPU"
                         " fine-tune it cost held-out accuracy, docs/MINI-MODEL.md)")
+    p.add_argument("--partial-frac", type=float, default=d.partial_frac,
+                   help="text: fraction of rows conditioned on a caption naming only their shape or only their colour"
+                        " (needs the dataset's partial captions), so the prior learns E[z | shape] and E[z | colour]"
+                        " for composed guidance (SamplerConfig.part_weight)")
     p.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
@@ -332,6 +361,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     tcfg = PriorTrainConfig(cond=a.cond, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup,
                             ema_decay=a.ema_decay, cond_noise=a.cond_noise, analogy_frac=a.analogy_frac,
+                            partial_frac=a.partial_frac,
                             min_snr_gamma=a.min_snr_gamma, seed=a.seed, amp=a.amp,
                             log_every=a.log_every, ckpt_every=a.ckpt_every, snapshot_every=a.snapshot_every,
                             init=a.init, max_seconds=a.max_seconds)

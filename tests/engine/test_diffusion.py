@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.config import prior_from_official
-from engine.diffusion.denoisers import ClassifierFreeGuidance, KarrasDenoiser
+from engine.diffusion.denoisers import ClassifierFreeGuidance, KarrasDenoiser, PartsGuidance
 from engine.diffusion.samplers import get_sampler, network_calls, sample_heun
 from engine.diffusion.schedules import (
     c_in, exp_alphas_cumprod, exp_betas, exp_sigmas, inv_parabola_alphas_cumprod, karras_sigmas, q_sample,
@@ -171,6 +171,26 @@ def test_guidance_equals_formula_with_clamped_branches(scale):
     assert prior.batches == ([3] if scale in (0.0, 1.0) else [6])  # always one network call
     if scale == 1.0:
         assert torch.equal(guided, cond_x0)
+
+
+@pytest.mark.parametrize("scale,weight", [(1.0, 0.0), (1.0, 1.0), (1.0, 0.5), (2.0, 0.75)])
+def test_parts_guidance_equals_formula_in_one_call(scale, weight):
+    """x0 = x0_u + s ((1 - w)(x0_c - x0_u) + w Σ (x0_i - x0_u)), each branch clamped, per batch item, one call;
+    w = 0 is classifier-free guidance."""
+    prior = _CountingPrior()
+    den = KarrasDenoiser(prior, exp_alphas_cumprod(), clip_denoised=True)
+    x, cond, parts = torch.randn(3, 20), torch.randn(3, 5), torch.randn(2, 5)
+    sigma = torch.tensor([2.5, 0.7, 9.0])
+    branch = {name: den(x, sigma, c) for name, c in
+              (("c", cond), ("u", torch.zeros_like(cond)), ("p0", parts[0].expand(3, 5)), ("p1", parts[1].expand(3, 5)))}
+    prior.batches.clear()
+    got = PartsGuidance(den, scale, parts, weight)(x, sigma, cond)
+    u = branch["u"]
+    want = u + scale * ((1 - weight) * (branch["c"] - u) + weight * (branch["p0"] - u + branch["p1"] - u))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert prior.batches == [12]
+    if weight == 0.0:
+        torch.testing.assert_close(got, ClassifierFreeGuidance(den, scale)(x, sigma, cond), rtol=1e-6, atol=1e-6)
 
 
 def test_denoiser_input_scaling_and_clamp_switch():

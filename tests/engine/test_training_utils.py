@@ -271,6 +271,41 @@ def test_analogies_compose_trained_kinds_only():
     assert any(torch.allclose(r, row) for r in x0b for row in lone["latents"])
 
 
+def test_partial_caption_rows_name_their_kinds_shape_or_colour():
+    """LatentSet.partial: each row's condition becomes one of the partial captions (encode_dataset's bank) of its
+    own (shape, aspect) or of its own colour, about half each; the target stays the row's latent; the bank holds
+    only parts of the dataset's kinds, and a dataset without it says how to add it."""
+    from engine.records import EngineError
+    from engine.training.captions import N_PART_KEYS, part_key_of_kind, partial_caption_bank
+    from engine.training.train_prior import LatentSet
+    from engine.training.world import allowed_kinds
+
+    kinds = torch.tensor(allowed_kinds("train"))
+    texts, keys = partial_caption_bank(kinds.tolist())
+    assert set(keys.tolist()) == set(range(N_PART_KEYS)) and len(texts) == len(set(texts)) == 4 * N_PART_KEYS
+    assert "a tall cube" in texts and "a pink object" in texts and "an orange object" in texts
+    blob = {"latents": torch.randn(len(kinds), 8), "kind": kinds, "caption_emb": torch.zeros(len(kinds), 4),
+            "caption_kind": kinds}
+    with pytest.raises(EngineError, match="partial captions"):
+        LatentSet(blob, "text", torch.device("cpu")).batch(4, torch.Generator(), partial_frac=0.5)
+    # embed each partial caption as (its key, its index) so a condition tells which caption it is
+    blob.update(partial_emb=torch.stack([keys.float(), torch.arange(len(keys)).float(), torch.zeros(len(keys)),
+                                         torch.zeros(len(keys))], 1), partial_key=keys)
+    ds = LatentSet(blob, "text", torch.device("cpu"))
+    k = kinds[torch.randint(len(kinds), (2000,), generator=torch.Generator().manual_seed(0))]
+    got = ds.partial(k, torch.Generator().manual_seed(1))[:, 0].long()
+    is_shape = got == part_key_of_kind(k, "shape")
+    assert bool((is_shape | (got == part_key_of_kind(k, "color"))).all())
+    assert 0.45 < float(is_shape.float().mean()) < 0.55
+    x0, cond = ds.batch(2000, torch.Generator().manual_seed(2), partial_frac=0.3)
+    partial_rows = cond.abs().sum(1) > 0  # plain captions embed to zeros here
+    assert 0.25 < float(partial_rows.float().mean()) < 0.35
+    kind_of_row = kinds[(x0[:, None] == blob["latents"][None]).all(-1).float().argmax(1)]
+    k_used = cond[partial_rows, 0].long()
+    assert bool(((k_used == part_key_of_kind(kind_of_row[partial_rows], "shape"))
+                 | (k_used == part_key_of_kind(kind_of_row[partial_rows], "color"))).all())
+
+
 class _Clock:
     """A fake monotonic clock: ``tick`` seconds pass at every read."""
 
