@@ -40,15 +40,21 @@ def encode_bank(transmitter, bank, batch: int = 16) -> torch.Tensor:
     return torch.cat(out)  # (N, d_latent)
 
 
-def losses(decoder, latents, bank, idx, tcfg, gen, noise_sd: float = 0.0) -> dict[str, torch.Tensor]:
+def losses(decoder, latents, bank, idx, tcfg, gen, noise_sd: float = 0.0, anchor=None) -> dict[str, torch.Tensor]:
     """noise_sd: standard deviation of Gaussian noise added to the latents, so that the decoder maps a
-    neighbourhood of each encoder latent (where a prior's samples land) to its object."""
+    neighbourhood of each encoder latent (where a prior's samples land) to its object. ``anchor``: a frozen decoder
+    whose SDF output replaces the object's true SDF as the target (``--keep-sdf``), so that the shapes every
+    latent decodes to stay where they were while the colour learns."""
     pts, sdf = query_points(bank, idx, tcfg, gen)
     z = latents[idx]
     if noise_sd > 0:
         z = z + torch.randn(z.shape, generator=gen) * noise_sd
     out = decoder(z, pts, outputs=("sdf", "stf_rgb"))
-    target = torch.tanh(sdf * tcfg.sdf_scale)
+    if anchor is None:
+        target = torch.tanh(sdf * tcfg.sdf_scale)
+    else:
+        with torch.no_grad():
+            target = anchor(z, pts, outputs=("sdf",))["sdf"]
     sdf_loss = (out["sdf"] - target).square().mean() + (out["sdf"] - target).abs().mean()
     band = (sdf.abs() < tcfg.color_band).float()
     diff = out["stf_rgb"] - bank.srgb[idx][:, None]
@@ -148,6 +154,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--prior-steps", type=int, default=8, help="DPM++ 2M steps per prior sample")
     ap.add_argument("--image-prior-guidance", type=float, default=None,
                     help="guidance of the image prior's samples (default: the model's; decoder_finetune_2 used 1.5)")
+    ap.add_argument("--keep-sdf", action="store_true",
+                    help="fit the SDF to the starting decoder's own SDF instead of the true one: every latent keeps"
+                         " its shape (up to the fit) and the colour learns")
     ap.add_argument("--color-head-only", action="store_true",
                     help="train only the STF colour rows of the field's last layer: shapes stay bit-identical")
     ap.add_argument("--heldout", type=int, default=48, help="held-out objects for the before/after check")
@@ -194,6 +203,11 @@ def main(argv=None) -> dict:
         params = restrict_to_color_head(decoder)
     else:
         params = [p for p in decoder.parameters() if p.requires_grad]
+    anchor = None
+    if args.keep_sdf:
+        import copy
+
+        anchor = copy.deepcopy(decoder).eval().requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     noise_sd = args.latent_noise * float(latents.std())  # --latent-noise is in latent standard deviations
@@ -203,10 +217,11 @@ def main(argv=None) -> dict:
         shares = []  # (weight, losses) of the encoder-latent and the prior-sample share of the batch
         if n_prior < args.batch:
             idx = torch.randint(len(bank), (args.batch - n_prior,), generator=gen)
-            shares.append((1 - n_prior / args.batch, losses(decoder, latents, bank, idx, tcfg, gen, noise_sd)))
+            shares.append((1 - n_prior / args.batch, losses(decoder, latents, bank, idx, tcfg, gen, noise_sd,
+                                                             anchor)))
         if n_prior:
             idx = torch.randint(len(pbank), (n_prior,), generator=gen)
-            shares.append((n_prior / args.batch, losses(decoder, prior_lat, pbank, idx, tcfg, gen)))
+            shares.append((n_prior / args.batch, losses(decoder, prior_lat, pbank, idx, tcfg, gen, anchor=anchor)))
         m = {k: sum(w * part[k] for w, part in shares) for k in shares[0][1]}
         opt.zero_grad(set_to_none=True)
         m["loss"].backward()
@@ -222,7 +237,7 @@ def main(argv=None) -> dict:
     record = {"steps": step, "seconds": round(time.time() - t_start), "objects": len(bank),
               "color_weight": args.color_weight, "latent_noise": args.latent_noise, "lr": args.lr,
               "prior_mix": args.prior_mix, "prior_modes": args.prior_modes if n_prior else "",
-              "color_head_only": args.color_head_only,
+              "color_head_only": args.color_head_only, "keep_sdf": args.keep_sdf,
               **({"image_prior_guidance": image_guidance} if n_prior else {}),
               "before": before, "after": after, "device": "cpu"}
     if not improved(before, after) and not args.always_write:

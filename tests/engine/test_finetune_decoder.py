@@ -81,3 +81,29 @@ def test_the_color_head_mode_changes_colours_and_nothing_else():
             assert not torch.equal(v[lo:hi], before[k][lo:hi]), k
         else:
             assert torch.equal(v, before[k]), k
+
+
+def test_keep_sdf_targets_the_starting_decoders_own_field():
+    """--keep-sdf: the SDF target is the frozen starting decoder's output, so before any step the SDF loss is zero
+    (the colour loss is not), while the true-SDF target of the plain mode is not met by the decoder."""
+    import copy
+
+    import torch
+
+    from engine.mini_weights import load_mini
+    from engine.training.train_transmitter import TransmitterTrainConfig, make_bank
+
+    parts = load_mini("cpu", MINI)
+    transmitter = parts["transmitter"].float()
+    tcfg = TransmitterTrainConfig(n_surface=32, n_near=64, n_uniform=32, bank_surface=256)
+    bank = make_bank(4, "train", 0, parts["configs"]["text"].encoder, tcfg, "cpu")
+    latents = fd.encode_bank(transmitter, bank)
+    decoder = transmitter.decoder
+    anchor = copy.deepcopy(decoder).eval().requires_grad_(False)
+    idx = torch.arange(4)
+    kept = fd.losses(decoder, latents, bank, idx, tcfg, torch.Generator().manual_seed(1), anchor=anchor)
+    plain = fd.losses(decoder, latents, bank, idx, tcfg, torch.Generator().manual_seed(1))
+    assert float(kept["sdf"].detach()) < 1e-6 < float(plain["sdf"].detach())
+    assert torch.equal(kept["color"], plain["color"]) and float(kept["color"].detach()) > 0
+    kept["loss"].backward()  # the colour term still trains the decoder
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
