@@ -66,6 +66,9 @@ RECIPE: tuple[Step, ...] = (
          decoder={"steps": 4047, "objects": 768, "heldout": 96, "color-weight": 16, "prior-mix": 0.75,
                   "image-prior-guidance": 1.5}),  # the image default then; it is 1.25 now
     Step("cycle_6", "text_prior_finetune_5", "cycle", priors=(PriorRun("text", 800, 0.04),)),
+    Step("decoder_3", "decoder_finetune_3", "decoder",
+         decoder={"steps": 12903, "objects": 768, "heldout": 96, "color-weight": 16, "prior-mix": 0.75,
+                  "image-prior-guidance": 1.5, "keep-sdf": True}),
 )
 
 # Toy sizes for --scale smoke: the same chain of commands in a minute or two.
@@ -94,7 +97,7 @@ def step_commands(step: Step, out: Path, device: str, smoke: bool = False) -> tu
                          "--preset", "smoke" if smoke else "gpu-short", "--export-to", str(weights))]], []
     if step.kind == "decoder":
         opts = {**step.decoder, **(SMOKE_DECODER if smoke else {})}
-        args = [a for k, v in opts.items() for a in (f"--{k}", str(v))]
+        args = [a for k, v in opts.items() for a in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
         record = step.record if isinstance(step.record, str) else step.record[0]
         return [[_python("engine.training.finetune_decoder", "--weights", str(weights), *args, "--always-write",
                          "--record", record)]], []

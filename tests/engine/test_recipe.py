@@ -31,6 +31,7 @@ def test_every_step_uses_the_numbers_of_the_record_it_reproduces():
             assert rec.get("color_weight", 16.0) == step.decoder.get("color-weight", 16.0)
             if rec.get("prior_mix"):  # its image samples were drawn at the image default of the day, 1.5
                 assert step.decoder["image-prior-guidance"] == 1.5
+            assert rec.get("keep_sdf", False) == step.decoder.get("keep-sdf", False)
             continue
         assert len(names) == len(step.priors)
         for name, lane in zip(names, step.priors):
@@ -71,6 +72,7 @@ def test_the_whole_chain_runs_at_toy_sizes_and_resumes(tmp_path):
     parts = load_mini("cpu", tmp_path / "weights")  # verifies every SHA-256
     training = parts["manifest"]["training"]
     assert list(training["recipe"]) == ran
-    assert {"decoder_finetune", "decoder_finetune_2"} <= set(training)
+    assert {"decoder_finetune", "decoder_finetune_2", "decoder_finetune_3"} <= set(training)
+    assert "--keep-sdf" in training["recipe"]["decoder_3"]["commands"][0]
     assert "--steps 2 " in training["recipe"]["cycle_6"]["commands"][0]
     assert recipe.run_recipe(tmp_path, device="cpu", smoke=True) == []  # every step is marked done
