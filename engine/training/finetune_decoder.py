@@ -40,7 +40,8 @@ def encode_bank(transmitter, bank, batch: int = 16) -> torch.Tensor:
     return torch.cat(out)  # (N, d_latent)
 
 
-def losses(decoder, latents, bank, idx, tcfg, gen, noise_sd: float = 0.0, anchor=None) -> dict[str, torch.Tensor]:
+def losses(decoder, latents, bank, idx, tcfg, gen, noise_sd: float = 0.0, anchor=None,
+           sdf_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """noise_sd: standard deviation of Gaussian noise added to the latents, so that the decoder maps a
     neighbourhood of each encoder latent (where a prior's samples land) to its object. ``anchor``: a frozen decoder
     whose SDF output replaces the object's true SDF as the target (``--keep-sdf``), so that the shapes every
@@ -59,7 +60,7 @@ def losses(decoder, latents, bank, idx, tcfg, gen, noise_sd: float = 0.0, anchor
     band = (sdf.abs() < tcfg.color_band).float()
     diff = out["stf_rgb"] - bank.srgb[idx][:, None]
     color = (diff.square().mean(-1) * band).sum() / band.sum().clamp(min=1)
-    return {"loss": sdf_loss + tcfg.color_weight * color, "sdf": sdf_loss, "color": color}
+    return {"loss": sdf_weight * sdf_loss + tcfg.color_weight * color, "sdf": sdf_loss, "color": color}
 
 
 @torch.no_grad()
@@ -157,6 +158,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--keep-sdf", action="store_true",
                     help="fit the SDF to the starting decoder's own SDF instead of the true one: every latent keeps"
                          " its shape (up to the fit) and the colour learns")
+    ap.add_argument("--sdf-weight", type=float, default=1.0,
+                    help="weight of the SDF loss (with --keep-sdf: how firmly the shapes are held)")
     ap.add_argument("--color-head-only", action="store_true",
                     help="train only the STF colour rows of the field's last layer: shapes stay bit-identical")
     ap.add_argument("--heldout", type=int, default=48, help="held-out objects for the before/after check")
@@ -218,10 +221,11 @@ def main(argv=None) -> dict:
         if n_prior < args.batch:
             idx = torch.randint(len(bank), (args.batch - n_prior,), generator=gen)
             shares.append((1 - n_prior / args.batch, losses(decoder, latents, bank, idx, tcfg, gen, noise_sd,
-                                                             anchor)))
+                                                             anchor, args.sdf_weight)))
         if n_prior:
             idx = torch.randint(len(pbank), (n_prior,), generator=gen)
-            shares.append((n_prior / args.batch, losses(decoder, prior_lat, pbank, idx, tcfg, gen, anchor=anchor)))
+            shares.append((n_prior / args.batch, losses(decoder, prior_lat, pbank, idx, tcfg, gen, anchor=anchor,
+                                                        sdf_weight=args.sdf_weight)))
         m = {k: sum(w * part[k] for w, part in shares) for k in shares[0][1]}
         opt.zero_grad(set_to_none=True)
         m["loss"].backward()
@@ -237,7 +241,7 @@ def main(argv=None) -> dict:
     record = {"steps": step, "seconds": round(time.time() - t_start), "objects": len(bank),
               "color_weight": args.color_weight, "latent_noise": args.latent_noise, "lr": args.lr,
               "prior_mix": args.prior_mix, "prior_modes": args.prior_modes if n_prior else "",
-              "color_head_only": args.color_head_only, "keep_sdf": args.keep_sdf,
+              "color_head_only": args.color_head_only, "keep_sdf": args.keep_sdf, "sdf_weight": args.sdf_weight,
               **({"image_prior_guidance": image_guidance} if n_prior else {}),
               "before": before, "after": after, "device": "cpu"}
     if not improved(before, after) and not args.always_write:
