@@ -181,10 +181,10 @@ def _prepare(request: GenerationRequest):
     model = registry.load(req.model, req.mode, placement.device)
     steps = req.steps or model.bundle.sampler.steps
     guidance = model.bundle.sampler.guidance_scale if req.guidance_scale is None else req.guidance_scale
-    part_weight = model.bundle.sampler.part_weight if req.part_weight is None else req.part_weight
+    part_weight = None if req.mode != "text" else \
+        model.bundle.sampler.part_weight if req.part_weight is None else req.part_weight
     seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
     seeds = [seed + i for i in range(req.batch_size)]
-    part_weight = part_weight if req.mode == "text" else None
     # composed guidance runs the whole prompt, two parts and the unconditional branch: twice a guided batch
     rows = req.batch_size * (2 if part_weight else 1)
     devices.preflight(model.bundle.prior, batch=rows, placement=placement, weight_bytes=model.weight_bytes)

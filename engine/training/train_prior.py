@@ -32,9 +32,8 @@ from engine.models.latent_transformer import LatentPrior
 from engine.records import EngineError
 from engine.training.world import N_KINDS, analogies
 
-from .captions import N_PART_KEYS, part_key_of_kind
-
 from . import loop
+from .captions import N_PART_KEYS, part_key_of_kind
 
 DIFFUSION_STEPS = 1024  # DiffusionConfig.timesteps of every Shap-E prior
 
@@ -83,6 +82,7 @@ class LatentSet:
             self.caption_table, self.caption_count = table.to(device), counts.to(device)
             self.object_table, self.object_count = _index_table(self.kind.cpu(), n_kinds)
             self._analogies: tuple[torch.Tensor, torch.Tensor] | None = None  # built on first use (analogy)
+            self.partial_emb = None
             if blob.get("partial_emb") is not None:  # shape-only / colour-only captions (encode_dataset)
                 self.partial_emb = blob["partial_emb"].to(device, torch.float32)
                 self.partial_table, self.partial_count = _index_table(blob["partial_key"], N_PART_KEYS)
@@ -112,7 +112,7 @@ class LatentSet:
         """The embedding of a random partial caption of each kind in ``k``: of its shape (with aspect) or of its
         colour, one or the other with even odds. Trained on the kind's own objects, such a condition's x0 target
         averages to the latent mean over every trained kind sharing that part: E[z | shape], E[z | colour]."""
-        if getattr(self, "partial_emb", None) is None:
+        if self.partial_emb is None:
             raise EngineError("the encoded dataset has no partial captions",
                               "run encode_dataset --augment FILE --clip DIR to add them")
         shape_part = torch.rand(len(k), generator=generator).to(k.device) < 0.5
