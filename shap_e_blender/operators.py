@@ -204,8 +204,9 @@ class SHAP_E_OT_blend(_GeneratedObjectJob, bpy.types.Operator):
             raise _engine_errors()[0](f"The latents of '{a.name}' and '{b.name}' differ in size",
                                       "Select two objects of one model")
         grid = int(a.get(mesh_import.PREFIX + "grid_size", 64))
-        session.start_blend(a, b, za, zb, count=self.count or context.scene.shap_e.count, grid_size=grid, device=get_prefs(context).device,
-                            spacing=context.scene.shap_e.spacing, sync=_sync(self))
+        settings = context.scene.shap_e
+        session.start_blend(a, b, za, zb, count=self.count or settings.count, grid_size=grid,
+                            device=get_prefs(context).device, spacing=settings.spacing, sync=_sync(self))
 
 
 class SHAP_E_OT_cancel(bpy.types.Operator):

@@ -205,7 +205,7 @@ def object_name(req) -> str:
 def _insert_generated(job: jobs.Job) -> None:
     p = job.payload
     req = p["request"]
-    records = [r for r in job.result if not getattr(r, "empty", False) and len(r.faces)]
+    records = [r for r in job.result if _has_surface(r)]
     if not records:
         raise get_engine().EngineError("The model produced no surface for this input",
                                        "Try another seed, more steps or a higher guidance scale")
@@ -221,11 +221,17 @@ def _insert_generated(job: jobs.Job) -> None:
     scene.shap_e.last_seed = int(records[0].seed if records[0].seed is not None else req.seed)
     job.payload["objects"] = [o.name for o in objs]
     skipped = len(job.result) - len(records)
-    same = engine_submodule("variety")
-    alike = same.repeats([r.latent for r in records], p.get("reference_latent"))
-    ui.info = variety.message(len(objs), alike, variations=p.get("reference_latent") is not None, hint=same.HINT) + (
-        f"; {skipped} variant(s) had no surface" if skipped else "")
+    engine_variety = engine_submodule("variety")
+    reference = p.get("reference_latent")
+    alike = engine_variety.repeats([r.latent for r in records], reference)
+    ui.info = variety.message(len(objs), alike, variations=reference is not None, hint=engine_variety.HINT)
+    if skipped:
+        ui.info += f"; {skipped} variant(s) had no surface"
     undo_push("Shap-E: Generate")
+
+
+def _has_surface(rec) -> bool:
+    return not getattr(rec, "empty", False) and len(rec.faces) > 0
 
 
 def _select(scene, objs) -> None:
@@ -236,15 +242,15 @@ def _select(scene, objs) -> None:
 
 
 def _insert_blend(job: jobs.Job) -> None:
+    from mathutils import Vector
+
     from . import __version__
 
     p = job.payload
-    made = [(t, r) for t, r in zip(p["fractions"], job.result) if not getattr(r, "empty", False) and len(r.faces)]
+    made = [(t, r) for t, r in zip(p["fractions"], job.result) if _has_surface(r)]
     if not made:
         raise get_engine().EngineError("None of the blends has a surface", "Try more steps between, or another grid")
     scene = bpy.data.scenes.get(p["scene"]) or bpy.context.scene
-    from mathutils import Vector
-
     start, end = (Vector(loc) for loc in p["locations"])
     beside = layout.beside_offsets(len(made), p["spacing"])  # when both ends stand in one place
     objs = []
@@ -264,7 +270,7 @@ def _apply_redecode(job: jobs.Job) -> None:
     obj = bpy.data.objects.get(job.payload["object"])
     if obj is None:
         raise get_engine().EngineError("The object to re-decode was deleted or renamed", "Select it and retry")
-    if getattr(job.result, "empty", False) or not len(job.result.faces):
+    if not _has_surface(job.result):
         raise get_engine().EngineError("The re-decode produced no surface", "Try another grid size")
     mesh_import.replace_mesh(obj, job.result, job.payload["grid_size"])
     ui.info = f"Re-decoded '{obj.name}' at grid {job.payload['grid_size']}"
